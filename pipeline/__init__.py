@@ -1,0 +1,1 @@
+"""The pipeline library: config, data preparation, loaders, training, ensembles, tracking."""

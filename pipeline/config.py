@@ -1,0 +1,168 @@
+"""The typed form of params.yaml: one model per section, validated before any stage does work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+import models
+from pipeline.errors import InputError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ParamsError(InputError):
+    """params.yaml is missing, malformed or holds a value the pipeline cannot run with."""
+
+
+class Section(BaseModel):
+    # strict: a quoted "0.01" or a bool where a number belongs is a mistake worth reporting.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataParams(Section):
+    source: Literal["digits", "imagenet", "folder"]
+    root: str | None
+    val_ground_truth: str | None
+    devkit_meta: str | None
+    digits_image_size: int = Field(ge=32, le=1024)
+    digits_val_fraction: float = Field(gt=0, lt=1)
+    seed: int
+
+    @model_validator(mode="after")
+    def _source_needs_root(self) -> DataParams:
+        if self.source != "digits" and self.root is None:
+            raise ValueError(f"data.root is required when data.source is {self.source!r}")
+        if (self.val_ground_truth is None) != (self.devkit_meta is None):
+            raise ValueError("data.val_ground_truth and data.devkit_meta go together: set both or neither")
+        return self
+
+
+class PreprocessParams(Section):
+    write_mode: Literal["raw", "jpg", "smart", "proportion"]
+    max_resolution: int = Field(ge=16)
+    compress_probability: float = Field(ge=0, le=1)
+    jpeg_quality: int = Field(ge=1, le=100)
+    smart_threshold: int = Field(gt=0)
+    num_workers: int = Field(ge=1)
+    max_skipped_fraction: float = Field(ge=0, le=1)
+    seed: int
+
+
+class TrainRecipe(Section):
+    """How one model is trained: shared by the train stage and every ensemble member."""
+
+    models: list[str]
+    alexnet_groups: Literal[1, 2]
+    alexnet_init: Literal["paper", "kaiming"]
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    momentum: float = Field(ge=0, lt=1)
+    weight_decay: float = Field(ge=0)
+    dropout: float = Field(ge=0, lt=1)
+    schedule: Literal["plateau", "step", "cosine"]
+    plateau_patience: int = Field(ge=0)
+    step_size: int = Field(gt=0)
+    step_gamma: float = Field(gt=0, le=1)
+    label_smoothing: float = Field(ge=0, lt=1)
+    resolution: int = Field(gt=0)
+    pca_lighting_std: float = Field(ge=0)
+    amp: bool
+    channels_last: bool
+    checkpoints_to_keep: int = Field(ge=1)
+    max_failures: int = Field(ge=0)
+    seed: int
+
+    @model_validator(mode="after")
+    def _models_known_and_fit_resolution(self) -> TrainRecipe:
+        if not self.models:
+            raise ValueError("train.models is empty: name at least one of " + ", ".join(models.names()))
+        for name in self.models:
+            _check_model(name, self.resolution, "train.models")
+        return self
+
+
+class EnsembleParams(Section):
+    model: str
+    members: int = Field(ge=2)
+    first_seed: int
+    epochs: int = Field(gt=0)
+    combine: Literal["softmax", "logits"]
+    max_concurrent: int | None = Field(ge=1)
+
+
+class RayParams(Section):
+    num_workers: int = Field(ge=1)
+    use_gpu: bool
+    cpus_per_worker: float = Field(gt=0)
+    local_num_cpus: int | None = Field(ge=1)
+    storage_path: str
+
+
+class MlflowParams(Section):
+    tracking_uri: str | None
+    experiment: str = Field(min_length=1)
+    log_model: bool
+    system_metrics: bool
+    registered_model: str = Field(min_length=1)
+
+
+class Params(Section):
+    data: DataParams
+    preprocess: PreprocessParams
+    train: TrainRecipe
+    ensemble: EnsembleParams
+    ray: RayParams
+    mlflow: MlflowParams
+
+    @model_validator(mode="after")
+    def _cross_section_rules(self) -> Params:
+        if self.train.batch_size % self.ray.num_workers:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} is not divisible by ray.num_workers="
+                f"{self.ray.num_workers}: the global batch is split evenly across the workers"
+            )
+        _check_model(self.ensemble.model, self.train.resolution, "ensemble.model")
+        return self
+
+
+def _check_model(name: str, resolution: int, key: str) -> None:
+    if name not in models.names():
+        raise ValueError(f"{key}: unknown model {name!r}; known models: {', '.join(models.names())}")
+    minimum = models.min_resolution(name)
+    if resolution < minimum:
+        raise ValueError(f"train.resolution={resolution} is below {name}'s minimum input size {minimum}")
+
+
+def load_params(path: str | Path = PROJECT_ROOT / "params.yaml") -> Params:
+    """Read and validate params.yaml; every problem is reported with the key that holds it."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ParamsError(f"{path}: " + _describe(error)) from None
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "literal_error":
+            message = f"got {item['input']!r}; allowed: {item['ctx']['expected']}"
+        lines.append(f"{key}: {message}" if key else message)
+    return "\n  ".join(lines)

@@ -1,0 +1,105 @@
+"""params.yaml validation: every mistake is reported with its key, before any work, with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline.config import PROJECT_ROOT, ParamsError, load_params
+
+
+def write(tmp_path, params: dict):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_shipped_params_are_valid():
+    params = load_params()
+    assert params.data.source == "digits"
+    assert params.train.batch_size % params.ray.num_workers == 0
+
+
+@pytest.mark.parametrize(
+    "section, key, value, expected",
+    [
+        ("train", "lr", -0.01, "train.lr: Input should be greater than 0"),
+        ("train", "epochs", 0, "train.epochs: Input should be greater than 0"),
+        ("train", "lr", "0.01", "train.lr: Input should be a valid number"),
+        ("train", "schedule", "linear", "train.schedule: got 'linear'; allowed: 'plateau', 'step' or 'cosine'"),
+        ("train", "models", ["alexnet2012", "resnet50"], "unknown model 'resnet50'; known models: alexnet,"),
+        ("train", "models", [], "train.models is empty"),
+        ("train", "resolution", 40, "train.resolution=40 is below alexnet2012's minimum input size"),
+        ("train", "momentum", 1.5, "train.momentum: Input should be less than 1"),
+        ("train", "alexnet_groups", 3, "train.alexnet_groups: got 3; allowed: 1 or 2"),
+        ("ensemble", "members", 1, "ensemble.members: Input should be greater than or equal to 2"),
+        ("ensemble", "model", "vgg99", "ensemble.model: unknown model 'vgg99'"),
+        ("ensemble", "combine", "median", "ensemble.combine: got 'median'; allowed: 'softmax' or 'logits'"),
+        ("preprocess", "jpeg_quality", 101, "preprocess.jpeg_quality: Input should be less than or equal to 100"),
+        ("preprocess", "write_mode", "png", "preprocess.write_mode: got 'png'"),
+        ("data", "source", "cifar", "data.source: got 'cifar'; allowed: 'digits', 'imagenet' or 'folder'"),
+        ("data", "source", "imagenet", "data.root is required when data.source is 'imagenet'"),
+        ("data", "val_ground_truth", "gt.txt", "data.val_ground_truth and data.devkit_meta go together"),
+        ("ray", "num_workers", 0, "ray.num_workers: Input should be greater than or equal to 1"),
+        ("ray", "use_gpu", "yes", "ray.use_gpu: Input should be a valid boolean"),
+        ("mlflow", "experiment", "", "mlflow.experiment: String should have at least 1 character"),
+    ],
+)
+def test_bad_value_names_the_key(tmp_path, params_dict, section, key, value, expected):
+    params_dict[section][key] = value
+    with pytest.raises(ParamsError) as error:
+        load_params(write(tmp_path, params_dict))
+    assert expected in str(error.value)
+    assert str(tmp_path / "params.yaml") in str(error.value)
+
+
+def test_batch_not_divisible_by_workers(tmp_path, params_dict):
+    params_dict["train"]["batch_size"] = 129
+    with pytest.raises(ParamsError, match=r"train.batch_size=129 is not divisible by ray.num_workers=2"):
+        load_params(write(tmp_path, params_dict))
+
+
+def test_unknown_and_missing_keys(tmp_path, params_dict):
+    params_dict["train"]["learning_rate"] = 0.1
+    del params_dict["train"]["lr"]
+    params_dict["extra_section"] = {}
+    with pytest.raises(ParamsError) as error:
+        load_params(write(tmp_path, params_dict))
+    message = str(error.value)
+    assert "train.learning_rate: unknown key" in message
+    assert "train.lr: Field required" in message
+    assert "extra_section: unknown key" in message
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ParamsError, match="nope.yaml: file not found"):
+        load_params(tmp_path / "nope.yaml")
+    (tmp_path / "broken.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="broken.yaml: not valid YAML"):
+        load_params(tmp_path / "broken.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ParamsError, match="expected a mapping of sections, got list"):
+        load_params(tmp_path / "list.yaml")
+
+
+@pytest.mark.parametrize("stage", ["prepare", "preprocess", "train"])
+def test_stage_refuses_bad_params_before_any_work(tmp_path, params_dict, stage):
+    params_dict["train"]["lr"] = -1
+    path = write(tmp_path, params_dict)
+    out = tmp_path / "out"
+    arguments = {
+        "prepare": ["--out", str(out)],
+        "preprocess": ["--prepared", str(tmp_path / "prepared"), "--out", str(out), "--report", str(tmp_path / "r.json")],
+        "train": ["--model", "alexnet2012", "--out", str(out)],
+    }[stage]
+    result = subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}", "--params", str(path), *arguments],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "train.lr: Input should be greater than 0" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()

@@ -1,17 +1,23 @@
-"""Fixtures shared by the test modules: the validated default params and one local Ray cluster."""
+"""Fixtures shared by the test modules: params files, one local Ray cluster, small real FFCV files."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.config import PROJECT_ROOT
+from pipeline.config import PROJECT_ROOT, Params, load_params
 
-# The project venv's CPU has 2 cores; Ray is given 4 logical CPUs so 2 training workers plus
-# Ray Train's controller and a Tune trial fit at once (they mostly wait on each other).
+# The machine has 2 cores; Ray is given 4 logical CPUs so 2 training workers plus Ray Train's
+# controller and Tune trials fit at once (they mostly wait on each other).
 TEST_RAY_CPUS = 4
+# The smallest input alexnet2012 accepts: the cheapest real training the tests can run.
+TEST_RESOLUTION = 67
 
 
 @pytest.fixture
@@ -20,12 +26,87 @@ def params_dict() -> dict:
     return yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
 
 
+def write_params(folder: Path, overrides: dict) -> tuple[Path, Params]:
+    """params.yaml with `overrides` ({section: {key: value}}) applied, written to folder and validated."""
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    for section, values in overrides.items():
+        params[section].update(values)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path, load_params(path)
+
+
+def training_overrides(folder: Path, **train: object) -> dict:
+    """A small, fast training setting whose Ray storage and MLflow store live in `folder`."""
+    return {
+        "train": {"models": ["alexnet2012"], "epochs": 3, "batch_size": 32, "resolution": TEST_RESOLUTION, **train},
+        "ray": {"storage_path": str(folder / "ray_results")},
+        "mlflow": {"tracking_uri": f"sqlite:///{folder / 'mlflow.db'}", "experiment": "tests"},
+    }
+
+
+def run_stage(name: str, *arguments: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", f"stages.{name}", *arguments],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout,
+    )
+    assert result.returncode == 0, f"stage {name} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray head for the whole session; tests that need Ray take this fixture."""
     import ray
 
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(num_cpus=TEST_RAY_CPUS, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=TEST_RAY_CPUS, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_betons(tmp_path_factory) -> Path:
+    """train.beton / val.beton of a small subset of the real digits (30 train + 10 val images per class),
+    made by the real prepare and preprocess stages: the embedded tree, cut down, read as a folder tree."""
+    root = tmp_path_factory.mktemp("digits")
+    full_params, _ = write_params(root / "full", {"data": {"digits_image_size": 72}})
+    run_stage("prepare", "--params", str(full_params), "--out", str(root / "full" / "prepared"))
+    for split, keep in (("train", 30), ("val", 10)):
+        for class_dir in sorted((root / "full" / "prepared" / "images" / split).iterdir()):
+            target = root / "subset" / split / class_dir.name
+            target.mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:keep]:
+                shutil.copy(image, target / image.name)
+    params, _ = write_params(root, {
+        "data": {"source": "folder", "root": str(root / "subset")},
+        "preprocess": {"max_resolution": 72},
+    })
+    run_stage("prepare", "--params", str(params), "--out", str(root / "prepared"))
+    run_stage("preprocess", "--params", str(params), "--prepared", str(root / "prepared"),
+              "--out", str(root / "beton"), "--report", str(root / "preprocess.json"))
+    return root / "beton"
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, ray_cluster, digits_betons):
+    """One real training run (alexnet2012, 3 epochs, 2 Ray workers) shared by the tests that inspect it."""
+    from pipeline.training import train_model
+
+    folder = tmp_path_factory.mktemp("trained")
+    _, params = write_params(folder, training_overrides(folder))
+    metrics = train_model(params, "alexnet2012", digits_betons, folder / "out")
+    return {"params": params, "folder": folder, "metrics": metrics, "out": folder / "out"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def without_ray_address() -> dict:
+    """The environment for a stage subprocess that must start its own Ray, not join the tests' one."""
+    return {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}

@@ -1,0 +1,32 @@
+"""DVC stage train@<model>: data-parallel training of one model with Ray Train, tracked in MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.config import ParamsError, load_params
+from pipeline.training import train_model
+from stages import run_stage
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--model", required=True, help="one of params.yaml's train.models")
+    parser.add_argument("--data", type=Path, default=Path("data/beton"), help="folder with train.beton and val.beton")
+    parser.add_argument("--out", type=Path, required=True, help="folder for model.pt, metrics.json, history.csv")
+    args = parser.parse_args(argv)
+
+    def stage() -> None:
+        params = load_params(args.params)
+        if args.model not in params.train.models:
+            raise ParamsError(f"--model {args.model!r} is not in train.models {params.train.models}")
+        train_model(params, args.model, args.data, args.out)
+
+    return run_stage(stage)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""The real training loop on 2 Ray Train CPU workers: learning, MLflow records, failures and resumes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline import tracking
+from pipeline.config import PROJECT_ROOT
+from pipeline.training import TrainingInputError, train_model
+from tests.conftest import training_overrides, without_ray_address, write_params
+
+EPOCH_METRICS = ["train_loss", "train_top1_error", "val_top1_error", "val_top5_error", "lr",
+                 "images_per_s", "epoch_time_s", "data_wait_share"]
+
+
+def mlflow_runs(folder: Path):
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tests").experiment_id
+    return client, client.search_runs([experiment], order_by=["attributes.start_time ASC"])
+
+
+def steps(client: MlflowClient, run_id: str, metric: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, metric))
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.5)
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    return sorted((folder / "ray_results").glob("*/checkpoint_*"))
+
+
+def train_workers() -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+def test_loop_learns_and_writes_outputs(trained_run):
+    history = _history(trained_run["out"])
+    assert [row["epoch"] for row in history] == [0, 1, 2]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    for row in history:
+        assert 0 <= row["val_top5_error"] <= row["val_top1_error"] <= 1
+        assert 0 <= row["data_wait_share"] <= 1 and row["images_per_s"] > 0
+    # 10 classes: chance is 0.9 top-1 error. Three short epochs on 300 images must already beat it.
+    assert trained_run["metrics"]["val_top1_error"] < 0.8
+    assert trained_run["metrics"]["parameters"] == 58_322_314  # alexnet2012 with 10 classes
+    state = torch.load(trained_run["out"] / "model.pt", weights_only=True)
+    assert "features.0.weight" in state
+
+
+def test_mlflow_holds_the_run(trained_run):
+    client, runs = mlflow_runs(trained_run["folder"])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == "0.01" and run.data.params["ray.num_workers"] == "2"
+    assert run.data.tags["model"] == "alexnet2012" and run.data.tags["dvc_stage"] == "train@alexnet2012"
+    assert run.data.tags["device"] == "cpu" and run.data.tags[tracking.RUN_NAME_TAG] == run.info.run_name
+    assert len(run.data.tags["git_commit"]) == 40
+    for metric in EPOCH_METRICS:
+        assert steps(client, run.info.run_id, metric) == [0, 1, 2], metric
+    assert run.data.metrics["val_top1_error"] == pytest.approx(trained_run["metrics"]["val_top1_error"])
+    assert run.data.metrics["parameters"] == 58_322_314
+    assert any(key.startswith("system/") for key in run.data.metrics), "system metrics were not logged"
+    logged = client.search_logged_models([run.info.experiment_id])
+    assert [model.source_run_id for model in logged] == [run.info.run_id]
+
+
+def test_worker_killed_mid_epoch_is_restarted_and_resumes(tmp_path, ray_cluster, digits_betons):
+    _, params = write_params(tmp_path, training_overrides(tmp_path, max_failures=2))
+    killed: dict = {}
+
+    def kill_a_worker_in_the_second_epoch() -> None:
+        wait_for(lambda: len(checkpoints(tmp_path)) >= 1, 300, "the first epoch's checkpoint")
+        killed["group"] = train_workers()
+        time.sleep(2)
+        killed["victim"] = killed["group"][1]
+        killed["victim"].kill()
+        client, runs = mlflow_runs(tmp_path)
+        killed["epochs_done"] = len(steps(client, runs[0].info.run_id, "val_top1_error"))
+
+    killer = threading.Thread(target=kill_a_worker_in_the_second_epoch)
+    killer.start()
+    metrics = train_model(params, "alexnet2012", digits_betons, tmp_path / "out")
+    killer.join()
+    assert len(killed["group"]) == 2
+    assert not killed["victim"].is_running()
+    assert killed["epochs_done"] < 3, "the worker must die while training still runs"
+
+    assert metrics["epochs"] == 3
+    assert [row["epoch"] for row in _history(tmp_path / "out")] == [0, 1, 2]
+    client, runs = mlflow_runs(tmp_path)
+    assert [run.info.status for run in runs] == ["FINISHED"]
+    for metric in EPOCH_METRICS:
+        assert steps(client, runs[0].info.run_id, metric) == [0, 1, 2], f"{metric} lost or repeated an epoch"
+
+
+def start_stage(params: Path, out: Path, log: Path) -> subprocess.Popen:
+    # Its own session, so the test can end the whole tree (the stage's private Ray cluster too).
+    return subprocess.Popen(
+        [sys.executable, "-m", "stages.train", "--params", str(params), "--model", "alexnet2012",
+         "--data", str(out.parent / "beton"), "--out", str(out)],
+        cwd=PROJECT_ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        env=without_ray_address(),
+    )
+
+
+def end_tree(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=60)
+
+
+@pytest.fixture
+def stage_folder(tmp_path, digits_betons) -> Path:
+    (tmp_path / "beton").symlink_to(digits_betons)
+    return tmp_path
+
+
+def test_killed_driver_resumes_at_the_next_epoch(stage_folder):
+    params, _ = write_params(stage_folder, training_overrides(stage_folder))
+    first = start_stage(params, stage_folder / "out", stage_folder / "first.log")
+    try:
+        wait_for(lambda: len(checkpoints(stage_folder)) >= 1, 400, "the first epoch's checkpoint")
+        client, runs = mlflow_runs(stage_folder)
+        wait_for(lambda: steps(client, runs[0].info.run_id, "val_top1_error") == [0], 60, "epoch 0 in MLflow")
+    finally:
+        end_tree(first)  # SIGKILL: no handler runs, the MLflow run stays RUNNING
+    assert mlflow_runs(stage_folder)[1][0].info.status == "RUNNING"
+
+    second = start_stage(params, stage_folder / "out", stage_folder / "second.log")
+    try:
+        assert second.wait(timeout=600) == 0, (stage_folder / "second.log").read_text()
+    finally:
+        end_tree(second)
+    log = (stage_folder / "second.log").read_text()
+    assert "Resuming alexnet2012-" in log
+    assert "epoch 1/3" not in log and "epoch 2/3" in log and "epoch 3/3" in log
+    client, runs = mlflow_runs(stage_folder)
+    assert [run.info.status for run in runs] == ["FINISHED"], "the rerun must continue the same MLflow run"
+    for metric in EPOCH_METRICS:
+        assert steps(client, runs[0].info.run_id, metric) == [0, 1, 2], metric
+    assert [row["epoch"] for row in _history(stage_folder / "out")] == [0, 1, 2]
+
+
+def test_sigterm_marks_the_run_killed_and_changed_params_start_fresh(stage_folder):
+    params, _ = write_params(stage_folder, training_overrides(stage_folder))
+    stage = start_stage(params, stage_folder / "out", stage_folder / "stage.log")
+    try:
+        wait_for(lambda: len(checkpoints(stage_folder)) >= 1, 400, "the first epoch's checkpoint")
+        stage.send_signal(signal.SIGTERM)
+        assert stage.wait(timeout=120) == 130, (stage_folder / "stage.log").read_text()
+    finally:
+        end_tree(stage)
+    _, runs = mlflow_runs(stage_folder)
+    assert [run.info.status for run in runs] == ["KILLED"]
+
+    # A different lr is a different training: a new run from epoch 0, the KILLED one left as it was.
+    changed, _ = write_params(stage_folder, training_overrides(stage_folder, lr=0.005, epochs=1))
+    fresh = start_stage(changed, stage_folder / "out", stage_folder / "fresh.log")
+    try:
+        assert fresh.wait(timeout=600) == 0, (stage_folder / "fresh.log").read_text()
+    finally:
+        end_tree(fresh)
+    assert "Resuming" not in (stage_folder / "fresh.log").read_text()
+    _, runs = mlflow_runs(stage_folder)
+    assert [run.info.status for run in runs] == ["KILLED", "FINISHED"]
+    assert runs[1].data.params["train.lr"] == "0.005"
+
+
+def test_failure_marks_the_run_failed(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = tracking.experiment_id(client, "tests", uri)
+    run_id, resumed = tracking.resume_or_create_run(client, experiment, "failing", {}, {"a": {"b": 1}})
+    assert not resumed and client.get_run(run_id).data.params == {"a.b": "1"}
+    with pytest.raises(ZeroDivisionError), tracking.closed_with_true_status(client, run_id):
+        1 / 0
+    assert client.get_run(run_id).info.status == "FAILED"
+    # An unfinished run is continued by the next attempt at the same training, then finished.
+    again, resumed = tracking.resume_or_create_run(client, experiment, "failing", {}, {})
+    assert (again, resumed) == (run_id, True)
+    with tracking.closed_with_true_status(client, run_id):
+        pass
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_bad_data_is_refused_before_ray_starts(tmp_path, digits_betons):
+    _, params = write_params(tmp_path, training_overrides(tmp_path))
+    with pytest.raises(TrainingInputError, match=r"nowhere/train.beton: FFCV file not found"):
+        train_model(params, "alexnet2012", tmp_path / "nowhere", tmp_path / "out")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "train.beton").write_bytes(b"not an ffcv file")
+    (broken / "val.beton").symlink_to(digits_betons / "val.beton")
+    with pytest.raises(TrainingInputError, match=r"broken/train.beton: not a readable FFCV file"):
+        train_model(params, "alexnet2012", broken, tmp_path / "out")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def _history(out: Path) -> list[dict]:
+    import csv
+
+    with open(out / "history.csv") as handle:
+        return [{key: float(value) if key != "epoch" else int(value) for key, value in row.items()}
+                for row in csv.DictReader(handle)]

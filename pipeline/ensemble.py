@@ -15,6 +15,7 @@ import json
 import math
 import os
 import statistics
+import time
 from pathlib import Path
 
 import matplotlib
@@ -47,6 +48,7 @@ from pipeline.training import (
 )
 
 DONE_MARKER = "member_done.json"
+TRIAL_MEMORY_BYTES = 64 * 2**20
 
 
 class EnsembleError(InputError):
@@ -75,10 +77,14 @@ def plan_members(params: Params, data: DataFiles, uri: str) -> list[Member]:
 def fit_member(config: dict, members: list[Member], params: Params) -> None:
     """Ray Tune trainable: one member is one TorchTrainer run, marked done only once it has finished."""
     member = members[config["index"]]
+    started = time.time()
     result = make_trainer(member.job, member.name, params).fit()
     load_final_state(result)  # a member is done only if its last checkpoint loads
-    marker = storage_root(params.ray) / member.name / DONE_MARKER
-    marker.write_text(json.dumps({"checkpoint": result.checkpoint.path}))
+    run_dir = storage_root(params.ray) / member.name
+    # Relative, so the storage folder can be moved or mounted elsewhere.
+    checkpoint = str(Path(result.checkpoint.path).relative_to(run_dir))
+    marker = {"checkpoint": checkpoint, "started_at": started, "finished_at": time.time()}
+    (run_dir / DONE_MARKER).write_text(json.dumps(marker))
 
 
 def max_concurrent_members(params: Params) -> int:
@@ -98,8 +104,11 @@ def train_members(members: list[Member], params: Params) -> None:
         return
     concurrent = max_concurrent_members(params)
     print(f"Training {len(pending)} members, {concurrent} at a time")
-    # The trial itself only drives a TorchTrainer, whose workers hold the real resources; Tune refuses 0 CPUs.
-    trainable = tune.with_resources(tune.with_parameters(fit_member, members=members, params=params), {"cpu": 0.01})
+    # The trial only drives a TorchTrainer, whose workers hold the CPUs/GPUs in a placement group of their
+    # own. A trial asking for any CPU would leave a 2-CPU machine short of a 2-worker member for good;
+    # Tune refuses an empty request, so the trial asks for a little (logical) memory instead.
+    trial_resources = {"cpu": 0, "memory": TRIAL_MEMORY_BYTES}
+    trainable = tune.with_resources(tune.with_parameters(fit_member, members=members, params=params), trial_resources)
     tuner = tune.Tuner(
         trainable,
         param_space={"index": tune.grid_search([m.index for m in pending])},
@@ -116,7 +125,7 @@ def load_member(member: Member, params: Params) -> tuple[torch.nn.Module, list[d
     if not marker.exists():
         raise EnsembleError(f"{member.describe()} did not finish training (no {marker}); "
                             f"see its Ray logs under {marker.parent}")
-    checkpoint = Path(json.loads(marker.read_text())["checkpoint"]) / CHECKPOINT_FILE
+    checkpoint = marker.parent / json.loads(marker.read_text())["checkpoint"] / CHECKPOINT_FILE
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         return load_model(member.job, state), state["history"]

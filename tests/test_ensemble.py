@@ -1,0 +1,128 @@
+"""The ensemble stage on real small data: members side by side, combination, refusals, resume, MLflow."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import PROJECT_ROOT
+from pipeline.ensemble import DONE_MARKER, EnsembleError, load_member, plan_members, run_ensemble
+from pipeline.training import DataFiles, storage_root
+from tests.conftest import training_overrides, without_ray_address, write_params
+from tests.test_training import end_tree, wait_for
+
+MEMBERS = 3
+
+
+def ensemble_overrides(folder, **ensemble):
+    return training_overrides(folder) | {
+        "ensemble": {"members": MEMBERS, "epochs": 2, "max_concurrent": 2, **ensemble}
+    }
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(tmp_path_factory, ray_cluster, digits_betons):
+    folder = tmp_path_factory.mktemp("ensemble")
+    _, params = write_params(folder, ensemble_overrides(folder))
+    summary = run_ensemble(params, digits_betons, folder / "out")
+    return {"folder": folder, "params": params, "summary": summary}
+
+
+def done_markers(params, data) -> list[dict]:
+    members = plan_members(params, DataFiles.find(data), params.mlflow.tracking_uri)
+    return [json.loads((storage_root(params.ray) / m.name / DONE_MARKER).read_text()) for m in members]
+
+
+def test_members_train_two_at_a_time(ensemble_run, digits_betons):
+    spans = [(m["started_at"], m["finished_at"]) for m in done_markers(ensemble_run["params"], digits_betons)]
+    most_at_once = max(sum(start <= t < end for start, end in spans) for t, _ in spans)
+    assert most_at_once == 2
+
+
+def test_outputs_and_curve(ensemble_run):
+    out, summary = ensemble_run["folder"] / "out", ensemble_run["summary"]
+    assert json.loads((out / "metrics.json").read_text()) == summary
+    assert summary["members"] == MEMBERS and summary["combine"] == "softmax"
+    with open(out / "error_curve.csv") as handle:
+        curve = list(csv.DictReader(handle))
+    assert [int(row["members"]) for row in curve] == [1, 2, 3]
+    # k=1 is member 0 alone; k=N is the whole ensemble.
+    assert float(curve[0]["top1_error"]) == summary["member_top1_error"]["member_0"]
+    assert float(curve[-1]["top1_error"]) == summary["ensemble_top1_error"]
+    assert float(curve[-1]["top5_error"]) == summary["ensemble_top5_error"]
+    member_errors = list(summary["member_top1_error"].values())
+    assert summary["member_top1_error_mean"] == pytest.approx(sum(member_errors) / MEMBERS)
+    assert summary["gain_top1"] == pytest.approx(summary["member_top1_error_mean"] - summary["ensemble_top1_error"])
+    references = json.loads((out / "members.json").read_text())
+    assert [ref["seed"] for ref in references] == [100, 101, 102]
+
+
+def test_mlflow_parent_with_nested_members(ensemble_run):
+    params = ensemble_run["params"]
+    client = MlflowClient(params.mlflow.tracking_uri)
+    experiment = client.get_experiment_by_name("tests").experiment_id
+    parents = [run for run in client.search_runs([experiment]) if "mlflow.parentRunId" not in run.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["dvc_stage"] == "ensemble"
+    assert parent.data.metrics["ensemble_top1_error"] == ensemble_run["summary"]["ensemble_top1_error"]
+    assert "error_vs_members.png" in [f.path for f in client.list_artifacts(parent.info.run_id)]
+    children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(child.data.tags["seed"] for child in children) == ["100", "101", "102"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_top1_error")] == [0, 1]
+    best = client.get_model_version_by_alias(params.mlflow.registered_model, "best")
+    best_child = min(children, key=lambda child: child.data.metrics["val_top1_error"])
+    assert best.run_id == best_child.info.run_id
+
+
+def test_refuses_missing_or_unreadable_members(ensemble_run, digits_betons, tmp_path):
+    shutil.copytree(ensemble_run["folder"] / "ray_results", tmp_path / "ray_results")
+    _, params = write_params(tmp_path, ensemble_overrides(tmp_path))
+    members = plan_members(params, DataFiles.find(digits_betons), params.mlflow.tracking_uri)
+    for member in members:
+        load_member(member, params)  # the copy loads as it is
+
+    (storage_root(params.ray) / members[1].name / DONE_MARKER).unlink()
+    with pytest.raises(EnsembleError, match=r"member 1 \(seed 101, run .*\) did not finish training"):
+        load_member(members[1], params)
+    marker = json.loads((storage_root(params.ray) / members[2].name / DONE_MARKER).read_text())
+    (storage_root(params.ray) / members[2].name / marker["checkpoint"] / "state.pt").write_bytes(b"truncated")
+    with pytest.raises(EnsembleError, match=r"member 2 \(seed 102, .*state.pt does not load"):
+        load_member(members[2], params)
+
+
+def test_interrupted_stage_reuses_finished_members(tmp_path, digits_betons):
+    (tmp_path / "beton").symlink_to(digits_betons)
+    params, loaded = write_params(tmp_path, ensemble_overrides(tmp_path, members=2, epochs=1, max_concurrent=1))
+    command = [sys.executable, "-m", "stages.ensemble", "--params", str(params),
+               "--data", str(tmp_path / "beton"), "--out", str(tmp_path / "out")]
+    markers = lambda: sorted((tmp_path / "ray_results").glob(f"*/{DONE_MARKER}"))  # noqa: E731
+    first = subprocess.Popen(command, cwd=PROJECT_ROOT, start_new_session=True, env=without_ray_address(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(markers()) >= 1, 600, "the first member to finish")
+    finally:
+        end_tree(first)
+    finished = markers()
+    assert len(finished) == 1
+    finished_at = finished[0].stat().st_mtime_ns
+
+    second = subprocess.run(command, cwd=PROJECT_ROOT, env=without_ray_address(), capture_output=True,
+                            text=True, timeout=900)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "Reusing member 0" in second.stdout and "Training 1 members" in second.stdout
+    assert finished[0].stat().st_mtime_ns == finished_at, "the finished member was trained again"
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["members"] == 2
+    client = MlflowClient(loaded.mlflow.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    assert [run.info.status for run in parents] == ["FINISHED"], "the rerun continues the parent run"
+    assert len(runs) == 3

@@ -44,6 +44,7 @@ class DataFiles:
     @classmethod
     def find(cls, data_dir: Path) -> DataFiles:
         """Checked before Ray starts: a missing file should cost seconds, not a cluster start-up."""
+        data_dir = data_dir.resolve()  # Ray workers run in folders of their own
         labels = {split: _read_labels(data_dir / f"{split}.beton") for split in ("train", "val")}
         num_classes = int(labels["train"].max()) + 1
         if labels["val"].max() >= num_classes:

@@ -1,0 +1,67 @@
+"""Small image trees in the layouts the data stages read, written for the tests."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+from PIL import Image
+
+WNIDS = ["n01440764", "n01443537", "n01484850"]  # the first three ILSVRC-2012 classes
+
+
+def photo(width: int, height: int, seed: int) -> Image.Image:
+    """A smooth colour gradient with noise: compresses like a photo, differs per seed."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = rng.uniform(0, 255, 3) + np.stack([x, y, x + y], axis=-1) * rng.uniform(-1, 1, 3)
+    noisy = base + rng.normal(0, 8, (height, width, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
+
+
+def write_photo(path: Path, seed: int, size: tuple[int, int] = (40, 30), **save_options) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    photo(*size, seed).save(path, **({"format": "JPEG", "quality": 90} | save_options))
+    return path
+
+
+def class_folder_tree(root: Path, images_per_class: dict[str, dict[str, int]], size=(40, 30)) -> Path:
+    """root/<split>/<class>/<class>_<i>.JPEG for {split: {class: count}}."""
+    seed = 0
+    for split, classes in images_per_class.items():
+        for name, count in classes.items():
+            for index in range(count):
+                seed += 1
+                write_photo(root / split / name / f"{name}_{index}.JPEG", seed, size)
+    return root
+
+
+def flat_val_with_devkit(root: Path, val_wnids: list[str], all_wnids: list[str]) -> tuple[Path, Path]:
+    """root/val/ILSVRC2012_val_%08d.JPEG labelled val_wnids[i], plus the devkit's ground-truth file
+    and meta.mat (a 'synsets' struct array; IDs 1.. are the leaves in all_wnids order, then one inner
+    WordNet node with children, as in the real file). Returns (ground truth, meta.mat)."""
+    for index, _ in enumerate(val_wnids, start=1):
+        write_photo(root / "val" / f"ILSVRC2012_val_{index:08d}.JPEG", 1000 + index)
+    # IDs deliberately not in sorted-WNID order, so a mapping by position would be caught.
+    id_of_wnid = {wnid: len(all_wnids) - position for position, wnid in enumerate(all_wnids)}
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
+              "num_train_images"]
+    synsets = np.zeros((len(all_wnids) + 1, 1), dtype=[(field, "O") for field in fields])
+    for row, wnid in enumerate(all_wnids):
+        synsets[row, 0] = (id_of_wnid[wnid], wnid, f"words {wnid}", "gloss", 0, np.zeros(0), 0, 1300)
+    synsets[-1, 0] = (len(all_wnids) + 1, "n00001740", "entity", "gloss", len(all_wnids),
+                      np.arange(1, len(all_wnids) + 1), 18, 0)
+    devkit = root / "devkit"
+    devkit.mkdir()
+    scipy.io.savemat(devkit / "meta.mat", {"synsets": synsets})
+    ground_truth = devkit / "ILSVRC2012_validation_ground_truth.txt"
+    ground_truth.write_text("".join(f"{id_of_wnid[wnid]}\n" for wnid in val_wnids))
+    return ground_truth, devkit / "meta.mat"
+
+
+def jpeg_bytes(seed: int, size=(40, 30)) -> bytes:
+    buffer = io.BytesIO()
+    photo(*size, seed).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()

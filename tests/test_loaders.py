@@ -1,0 +1,167 @@
+"""The FFCV loaders on small .beton files whose labels are the sample indices and whose images are
+flat colours derived from them, so every batch can be checked value by value."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray.train
+import torch
+from PIL import Image
+from ray.train import ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipeline.beton import write_beton
+from pipeline.config import PreprocessParams
+from pipeline.loaders import (
+    IMAGENET_MEAN,
+    IMAGENET_PCA_EIGENVALUES,
+    IMAGENET_PCA_EIGENVECTORS,
+    IMAGENET_STD,
+    make_train_loader,
+    make_val_loader,
+)
+
+TRAIN_SAMPLES = 40  # even: two ranks split it without padding
+VAL_SAMPLES = 21  # odd: a distributed sequential loader pads it
+RESOLUTION = 32
+
+
+def colour(index: int) -> np.ndarray:
+    return np.array([(7 * index) % 256, (100 + 3 * index) % 256, 200 - index], dtype=np.float64)
+
+
+def normalised(index: int) -> torch.Tensor:
+    return torch.tensor((colour(index) - IMAGENET_MEAN) / IMAGENET_STD, dtype=torch.float32)
+
+
+def flat_colour_beton(folder: Path, count: int, params_dict: dict) -> Path:
+    """Sample i: a flat image of colour(i) (varied sizes), label i, stored raw so colours are exact."""
+    folder.mkdir()
+    paths = []
+    for index in range(count):
+        size = (48 + index % 3 * 8, 40 + index % 2 * 16)
+        paths.append(folder / f"{index}.png")
+        Image.new("RGB", size, tuple(int(c) for c in colour(index))).save(paths[-1])
+    params = PreprocessParams.model_validate(params_dict["preprocess"] | {"write_mode": "raw", "max_resolution": 64})
+    write_beton(folder / "data.beton", paths, list(range(count)), params)
+    return folder / "data.beton"
+
+
+@pytest.fixture(scope="module")
+def betons(tmp_path_factory) -> dict[str, Path]:
+    import yaml
+
+    from pipeline.config import PROJECT_ROOT
+
+    params_dict = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    folder = tmp_path_factory.mktemp("betons")
+    return {
+        "train": flat_colour_beton(folder / "train", TRAIN_SAMPLES, params_dict),
+        "val": flat_colour_beton(folder / "val", VAL_SAMPLES, params_dict),
+    }
+
+
+@pytest.mark.timeout(120)
+def test_val_batches_are_center_crops_normalised_in_order(betons):
+    loader = make_val_loader(betons["val"], batch_size=8, resolution=RESOLUTION, num_threads=2, distributed=False)
+
+    batches = list(loader)
+
+    assert loader.num_samples == VAL_SAMPLES and len(loader) == len(batches) == 3
+    assert [len(labels) for _, labels in batches] == [8, 8, 5]
+    images = torch.cat([images for images, _ in batches])
+    labels = torch.cat([labels for _, labels in batches])
+    assert images.shape == (VAL_SAMPLES, 3, RESOLUTION, RESOLUTION) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and labels.tolist() == list(range(VAL_SAMPLES))
+    expected = torch.stack([normalised(i) for i in range(VAL_SAMPLES)])[:, :, None, None].expand_as(images)
+    torch.testing.assert_close(images, expected, atol=1e-5, rtol=0)
+
+    # The channels-last route, and a dtype NumPy lacks.
+    loader = make_val_loader(
+        betons["val"], batch_size=8, resolution=RESOLUTION, num_threads=2, distributed=False, channels_last=True,
+        dtype=torch.bfloat16,
+    )
+    images = torch.cat([images for images, _ in loader])
+    assert images.dtype == torch.bfloat16 and images.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(images.float(), expected, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.timeout(120)
+def test_train_batches_carry_pca_lighting_noise(betons):
+    std = 0.1
+    loader = make_train_loader(
+        betons["train"], batch_size=16, resolution=RESOLUTION, num_threads=2, distributed=False, seed=0,
+        pca_lighting_std=std,
+    )
+
+    batches = list(loader)
+
+    assert len(loader) == len(batches) == TRAIN_SAMPLES // 16  # drop_last
+    images, labels = batches[0]
+    assert images.shape == (16, 3, RESOLUTION, RESOLUTION) and images.dtype == torch.float32
+    assert labels.shape == (16,) and labels.dtype == torch.int64
+    images = torch.cat([images for images, _ in batches])
+    labels = torch.cat([labels for _, labels in batches])
+    # Flat images stay flat under crop, flip and lighting: the lighting is one RGB offset per image...
+    offsets = images - torch.stack([normalised(int(label)) for label in labels])[:, :, None, None]
+    per_image = offsets.mean(dim=(2, 3))
+    torch.testing.assert_close(offsets, per_image[:, :, None, None].expand_as(offsets), atol=1e-4, rtol=0)
+    # ...which, back on the 0..1 pixel scale, is sum_i p_i alpha_i lambda_i with alpha_i ~ N(0, std).
+    rgb = per_image * torch.tensor(IMAGENET_STD / 255, dtype=torch.float32)
+    alpha = rgb @ IMAGENET_PCA_EIGENVECTORS / IMAGENET_PCA_EIGENVALUES
+    assert alpha.abs().max() < 6 * std
+    assert 0.5 * std < alpha.std() < 1.5 * std
+
+
+@pytest.mark.timeout(120)
+def test_resuming_at_an_epoch_replays_that_epochs_order(betons):
+    options = dict(batch_size=8, resolution=RESOLUTION, num_threads=2, distributed=False, seed=5)
+    uninterrupted = make_train_loader(betons["train"], **options)
+    orders = [torch.cat([labels for _, labels in uninterrupted]).tolist() for _ in range(3)]
+
+    resumed = make_train_loader(betons["train"], start_epoch=2, **options)
+    resumed_order = torch.cat([labels for _, labels in resumed]).tolist()
+
+    assert resumed_order == orders[2]
+    assert orders[0] != orders[1] != orders[2]
+    assert sorted(orders[2]) == list(range(TRAIN_SAMPLES))
+
+
+def record_what_each_rank_sees(config: dict) -> None:
+    """Ray Train worker: one epoch of the distributed train and val loaders, written to a file."""
+    rank = ray.train.get_context().get_world_rank()
+    train = make_train_loader(
+        Path(config["train"]), batch_size=4, resolution=RESOLUTION, num_threads=1, distributed=True, seed=3
+    )
+    val = make_val_loader(Path(config["val"]), batch_size=5, resolution=RESOLUTION, num_threads=1, distributed=True)
+    seen = {
+        "train": [label for _, labels in train for label in labels.tolist()],
+        "val": [label for _, labels in val for label in labels.tolist()],
+        "val_num_samples": val.num_samples,
+        "val_batches": len(val),
+    }
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(seen))
+
+
+@pytest.mark.timeout(240)
+def test_two_ray_workers_split_train_and_count_every_val_image_once(betons, tmp_path, ray_cluster):
+    trainer = TorchTrainer(
+        record_what_each_rank_sees,
+        train_loop_config={"train": str(betons["train"]), "val": str(betons["val"]), "out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+        run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray"), name="loader_shards"),
+    )
+    trainer.fit()
+
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    train = [set(rank["train"]) for rank in ranks]
+    assert [len(rank["train"]) for rank in ranks] == [TRAIN_SAMPLES // 2] * 2
+    assert not train[0] & train[1] and train[0] | train[1] == set(range(TRAIN_SAMPLES))
+    # DistributedSampler order: rank r gets r, r + 2, ...; the padding (a repeat of sample 0) is dropped.
+    assert [rank["val"] for rank in ranks] == [list(range(0, VAL_SAMPLES, 2)), list(range(1, VAL_SAMPLES, 2))]
+    assert [rank["val_num_samples"] for rank in ranks] == [11, 10]
+    assert [rank["val_batches"] for rank in ranks] == [3, 2]

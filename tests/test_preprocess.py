@@ -1,0 +1,225 @@
+"""The preprocess stage: every kind of bad image converted or skipped without hanging the FFCV writer,
+the skip threshold, byte-identical .beton files, and no .beton left behind by a killed run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from ffcv.reader import Reader
+from PIL import Image
+
+from pipeline.beton import preprocess, write_beton
+from pipeline.config import PROJECT_ROOT, DataParams, PreprocessParams
+from pipeline.image_tree import DataError, prepare, read_tree
+from tests._trees import WNIDS, class_folder_tree, jpeg_bytes, write_photo
+
+MAX_RESOLUTION = 64
+
+
+def preprocess_params(params_dict: dict, **changes) -> PreprocessParams:
+    return PreprocessParams.model_validate(
+        params_dict["preprocess"] | {"max_resolution": MAX_RESOLUTION, "num_workers": 2} | changes
+    )
+
+
+def stored_pixels(beton: Path, index: int) -> np.ndarray:
+    """The raw pixels FFCV stored for sample `index` (written with write_mode "raw")."""
+    image = Reader(str(beton)).metadata["f0"][index]  # f0: the image field
+    assert image["mode"] == 1, "expected a raw (not JPEG) sample"
+    count = int(image["height"]) * int(image["width"]) * 3
+    pixels = np.fromfile(beton, dtype=np.uint8, count=count, offset=int(image["data_ptr"]))
+    return pixels.reshape(int(image["height"]), int(image["width"]), 3)
+
+
+def stored_labels(beton: Path) -> list[int]:
+    return Reader(str(beton)).metadata["f1"].tolist()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_odd_images(folder: Path) -> dict[str, tuple[str, object]]:
+    """One file per kind the checker must handle: name -> ("converted", expected RGB pixel) or
+    ("skipped", words of the reason)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    size = (40, 30)
+    Image.new("L", size, 77).save(folder / "grey.JPEG", quality=100)
+    Image.new("CMYK", size, (0, 255, 255, 0)).save(folder / "cmyk.JPEG", quality=100)
+    Image.new("RGBA", size, (10, 200, 30, 128)).save(folder / "rgba.png")
+    Image.new("RGB", size, (250, 40, 90)).quantize(4).save(folder / "palette.png")
+    Image.fromarray(np.full(size[::-1], 40_000, np.uint16)).save(folder / "sixteen_bit.png")
+    Image.new("RGB", size, (12, 34, 56)).save(folder / "png_named.JPEG", format="PNG")
+    (folder / "truncated.JPEG").write_bytes(jpeg_bytes(1)[:400])
+    (folder / "zero_bytes.JPEG").write_bytes(b"")
+    (folder / "text.JPEG").write_text("this is not an image\n")
+    rng = np.random.default_rng(0)
+    (folder / "garbage.JPEG").write_bytes(rng.integers(0, 256, 2000, dtype=np.uint8).tobytes())
+    (folder / "jpeg_header_garbage.JPEG").write_bytes(b"\xff\xd8\xff\xe0" + rng.integers(0, 256, 2000, np.uint8).tobytes())
+    return {
+        "grey.JPEG": ("converted", (77, 77, 77)),
+        "cmyk.JPEG": ("converted", (255, 0, 0)),
+        "rgba.png": ("converted", (10, 200, 30)),
+        "palette.png": ("converted", (250, 40, 90)),
+        "sixteen_bit.png": ("converted", (155, 155, 155)),  # 40000 // 257
+        "png_named.JPEG": ("converted", (12, 34, 56)),
+        "truncated.JPEG": ("skipped", "cannot be decoded"),
+        "zero_bytes.JPEG": ("skipped", "empty file"),
+        "text.JPEG": ("skipped", "not an image"),
+        "garbage.JPEG": ("skipped", "not an image"),
+        "jpeg_header_garbage.JPEG": ("skipped", "cannot be decoded"),
+    }
+
+
+@pytest.mark.timeout(120)
+def test_odd_images_are_converted_or_skipped_and_reported(tmp_path, params_dict):
+    root = class_folder_tree(tmp_path / "tree", {"train": {WNIDS[0]: 3, WNIDS[1]: 2}, "val": {WNIDS[0]: 2}})
+    odd = write_odd_images(root / "train" / WNIDS[1])
+    write_photo(root / "train" / WNIDS[0] / "large.JPEG", 5, size=(300, 120))
+    prepared = read_tree(root)
+    out = tmp_path / "beton"
+
+    report = preprocess(prepared, out, preprocess_params(params_dict, write_mode="raw", max_skipped_fraction=0.5))
+
+    train = report["train"]
+    skipped = {kind: reason for kind, (outcome, reason) in odd.items() if outcome == "skipped"}
+    converted = {kind: rgb for kind, (outcome, rgb) in odd.items() if outcome == "converted"}
+    assert (train["files"], train["images"], train["skipped"]) == (17, 17 - len(skipped), len(skipped))
+    assert (train["converted"], train["resized"]) == (len(converted), 1)
+    assert train["per_class"] == {WNIDS[0]: 4, WNIDS[1]: 2 + len(converted)}
+    assert train["bytes"] == (out / "train.beton").stat().st_size
+    assert report["val"]["images"] == 2 and report["val"]["per_class"] == {WNIDS[0]: 2, WNIDS[1]: 0}
+    reasons = {Path(entry["path"]).name: entry["reason"] for entry in report["skipped_files"]}
+    assert reasons.keys() == skipped.keys()
+    for name, words in skipped.items():
+        assert words in reasons[name], reasons[name]
+    conversions = {Path(entry["path"]).name: entry["conversion"] for entry in report["converted_files"]}
+    assert conversions.keys() == converted.keys()
+    assert "PNG data named .JPEG" in conversions["png_named.JPEG"]
+    assert "CMYK" in conversions["cmyk.JPEG"] and "16-bit" in conversions["sixteen_bit.png"]
+
+    # What FFCV stored: every kept image as RGB uint8, the large one shrunk to the long side exactly.
+    kept = [s for s in prepared.splits["train"] if Path(s.path).name not in skipped]
+    beton = out / "train.beton"
+    assert stored_labels(beton) == [s.label for s in kept]
+    for index, sample in enumerate(kept):
+        pixels = stored_pixels(beton, index)
+        name = Path(sample.path).name
+        if name == "large.JPEG":
+            assert pixels.shape == (26, MAX_RESOLUTION, 3)  # 120 * 64 / 300 = 25.6
+        elif name in converted:
+            assert pixels.shape == (30, 40, 3)
+            assert np.abs(pixels.astype(int) - converted[name]).max() <= 2, name
+    assert sorted(p.name for p in out.iterdir()) == ["train.beton", "val.beton"]
+
+
+@pytest.mark.timeout(60)
+def test_too_many_unusable_files_fail_the_split_and_write_nothing(tmp_path, params_dict):
+    root = class_folder_tree(tmp_path / "tree", {"train": {WNIDS[0]: 4}, "val": {WNIDS[0]: 3}})
+    (root / "val" / WNIDS[0] / "broken.JPEG").write_bytes(b"")
+    out = tmp_path / "beton"
+
+    with pytest.raises(DataError, match=r"^val: 1 of 4 files .*preprocess.max_skipped_fraction=0.2.*broken.JPEG"):
+        preprocess(read_tree(root), out, preprocess_params(params_dict, max_skipped_fraction=0.2))
+    assert not out.exists() or not list(out.iterdir())
+
+    # A split that would end up empty fails whatever the threshold.
+    for image in (root / "val" / WNIDS[0]).glob(f"{WNIDS[0]}_*"):
+        image.write_text("not an image")
+    with pytest.raises(DataError, match=r"^val: 4 of 4 files"):
+        preprocess(read_tree(root), out, preprocess_params(params_dict, max_skipped_fraction=1.0))
+
+
+@pytest.mark.timeout(60)
+def test_an_image_that_fails_inside_the_writer_is_an_error_not_a_hang(tmp_path, params_dict):
+    good = write_photo(tmp_path / "good.JPEG", 1)
+    (tmp_path / "changed.JPEG").write_bytes(b"no longer an image")  # as if it changed after its check
+    beton = tmp_path / "out.beton"
+    with pytest.raises(DataError, match="changed.JPEG"):
+        write_beton(beton, [good, tmp_path / "changed.JPEG", good], [0, 1, 2], preprocess_params(params_dict))
+    assert not beton.exists()
+
+
+@pytest.mark.timeout(120)
+def test_beton_bytes_depend_only_on_inputs_and_params(tmp_path, params_dict):
+    data = params_dict["data"] | {"digits_image_size": 32}
+
+    prepared = prepare(DataParams.model_validate(data), tmp_path / "prepared")
+    params = preprocess_params(params_dict, write_mode="proportion", compress_probability=0.5, seed=7)
+
+    # Different worker counts change only the scheduling, never the bytes.
+    preprocess(prepared, tmp_path / "first", params)
+    preprocess(prepared, tmp_path / "second", params.model_copy(update={"num_workers": 1}))
+    preprocess(prepared, tmp_path / "other_seed", params.model_copy(update={"seed": 8}))
+
+    for split in ("train", "val"):
+        assert sha256(tmp_path / "first" / f"{split}.beton") == sha256(tmp_path / "second" / f"{split}.beton")
+        assert sha256(tmp_path / "first" / f"{split}.beton") != sha256(tmp_path / "other_seed" / f"{split}.beton")
+    modes = Reader(str(tmp_path / "first" / "train.beton")).metadata["f0"]["mode"]
+    assert 0.4 < (modes == 0).mean() < 0.6  # mode 0 = JPEG, drawn with compress_probability
+
+
+def run_stage(tmp_path: Path, params_dict: dict, prepared: Path, out: Path, **popen) -> subprocess.Popen:
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(params_dict))
+    command = [sys.executable, "-m", "stages.preprocess", "--params", str(params), "--prepared", str(prepared),
+               "--out", str(out), "--report", str(tmp_path / "report.json")]
+    return subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            **popen)
+
+
+@pytest.mark.timeout(180)
+def test_killed_stage_leaves_no_beton_and_a_rerun_succeeds(tmp_path, params_dict):
+    # Enough large photos that writing train.beton takes a few seconds.
+    root = class_folder_tree(tmp_path / "tree", {"train": {WNIDS[0]: 300, WNIDS[1]: 300}, "val": {WNIDS[0]: 4}},
+                             size=(320, 240))
+    prepare_params = params_dict["data"] | {"source": "folder", "root": str(root)}
+
+    prepare(DataParams.model_validate(prepare_params), tmp_path / "prepared")
+    params_dict["preprocess"] |= {"write_mode": "jpg", "max_resolution": 320, "num_workers": 2}
+    out = tmp_path / "beton"
+
+    # Its own session, so the kill reaches the checking and writing processes too.
+    stage = run_stage(tmp_path, params_dict, tmp_path / "prepared", out, start_new_session=True)
+    partial = out / ".train.beton.partial"
+    deadline = time.monotonic() + 120
+    while not (partial.exists() and partial.stat().st_size) and stage.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(stage.pid, signal.SIGKILL)
+    stage.wait()
+    assert stage.returncode == -signal.SIGKILL, "the stage finished before it could be killed mid-write"
+    assert not (out / "train.beton").exists() and not (out / "val.beton").exists()
+    assert not (tmp_path / "report.json").exists()
+
+    rerun = run_stage(tmp_path, params_dict, tmp_path / "prepared", out)
+    _, stderr = rerun.communicate()
+    assert rerun.returncode == 0, stderr
+    assert sorted(p.name for p in out.iterdir()) == ["train.beton", "val.beton"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["train"]["images"] == 600 and report["val"]["images"] == 4
+    assert len(stored_labels(out / "train.beton")) == 600
+
+
+@pytest.mark.timeout(60)
+def test_page_size_grows_with_max_resolution(tmp_path, params_dict):
+    # 1,700 x 1,700 x 3 raw bytes do not fit FFCV's default 8 MiB page, where the writer would hang.
+    large = tmp_path / "large.png"
+    Image.fromarray(np.tile(np.arange(1700, dtype=np.uint8)[:, None, None], (1, 1700, 3))).save(large)
+    params = preprocess_params(params_dict, write_mode="raw", max_resolution=1700)
+    write_beton(tmp_path / "large.beton", [large], [0], params)
+    assert stored_pixels(tmp_path / "large.beton", 0).shape == (1700, 1700, 3)
+
+    with pytest.raises(DataError, match="preprocess.max_resolution=30000"):
+        write_beton(tmp_path / "huge.beton", [large], [0], preprocess_params(params_dict, max_resolution=30_000))
+    with pytest.raises(DataError, match="preprocess.seed=-1"):
+        write_beton(tmp_path / "seeded.beton", [large], [0], preprocess_params(params_dict, seed=-1))

@@ -24,6 +24,8 @@ Report (returned by preprocess, written by the stage as JSON):
    "val": {...},
    "skipped_files":   [{"split", "path", "reason"}],       paths relative to the dataset root
    "converted_files": [{"split", "path", "conversion"}]}
+F files listed, N written, S skipped, C of the N converted, R of the N shrunk to max_resolution,
+B the .beton's size in bytes, T the wall time of checking and writing the split.
 """
 
 from __future__ import annotations
@@ -163,8 +165,6 @@ class _CheckedImages:
 
 def _page_size(params: PreprocessParams) -> int:
     """A page that holds the largest image; DataError for settings FFCV cannot write with."""
-    if params.seed < 0:
-        raise DataError(f"preprocess.seed={params.seed}: must be >= 0 (it seeds NumPy)")
     largest_sample = PAGE_HEADROOM * 3 * params.max_resolution**2
     page_size = max(MIN_PAGE_SIZE, 1 << (largest_sample - 1).bit_length())
     if page_size >= MAX_PAGE_SIZE:

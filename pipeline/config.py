@@ -30,7 +30,7 @@ class DataParams(Section):
     devkit_meta: str | None
     digits_image_size: int = Field(ge=32, le=1024)
     digits_val_fraction: float = Field(gt=0, lt=1)
-    seed: int
+    seed: int = Field(ge=0)
 
     @model_validator(mode="after")
     def _source_needs_root(self) -> DataParams:
@@ -49,7 +49,7 @@ class PreprocessParams(Section):
     smart_threshold: int = Field(gt=0)
     num_workers: int = Field(ge=1)
     max_skipped_fraction: float = Field(ge=0, le=1)
-    seed: int
+    seed: int = Field(ge=0)
 
 
 class TrainRecipe(Section):
@@ -75,7 +75,7 @@ class TrainRecipe(Section):
     channels_last: bool
     checkpoints_to_keep: int = Field(ge=1)
     max_failures: int = Field(ge=0)
-    seed: int
+    seed: int = Field(ge=0)
 
     @model_validator(mode="after")
     def _models_known_and_fit_resolution(self) -> TrainRecipe:
@@ -89,7 +89,7 @@ class TrainRecipe(Section):
 class EnsembleParams(Section):
     model: str
     members: int = Field(ge=2)
-    first_seed: int
+    first_seed: int = Field(ge=0)
     epochs: int = Field(gt=0)
     combine: Literal["softmax", "logits"]
     max_concurrent: int | None = Field(ge=1)

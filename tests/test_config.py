@@ -43,6 +43,8 @@ def test_shipped_params_are_valid():
         ("data", "source", "cifar", "data.source: got 'cifar'; allowed: 'digits', 'imagenet' or 'folder'"),
         ("data", "source", "imagenet", "data.root is required when data.source is 'imagenet'"),
         ("data", "val_ground_truth", "gt.txt", "data.val_ground_truth and data.devkit_meta go together"),
+        ("preprocess", "seed", -1, "preprocess.seed: Input should be greater than or equal to 0"),
+        ("data", "seed", -1, "data.seed: Input should be greater than or equal to 0"),
         ("ray", "num_workers", 0, "ray.num_workers: Input should be greater than or equal to 1"),
         ("ray", "use_gpu", "yes", "ray.use_gpu: Input should be a valid boolean"),
         ("mlflow", "experiment", "", "mlflow.experiment: String should have at least 1 character"),

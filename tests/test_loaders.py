@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import ray.train
 import torch
+import yaml
 from PIL import Image
 from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline.beton import write_beton
-from pipeline.config import PreprocessParams
+from pipeline.config import PROJECT_ROOT, PreprocessParams
 from pipeline.loaders import (
     IMAGENET_MEAN,
     IMAGENET_PCA_EIGENVALUES,
@@ -53,10 +54,6 @@ def flat_colour_beton(folder: Path, count: int, params_dict: dict) -> Path:
 
 @pytest.fixture(scope="module")
 def betons(tmp_path_factory) -> dict[str, Path]:
-    import yaml
-
-    from pipeline.config import PROJECT_ROOT
-
     params_dict = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     folder = tmp_path_factory.mktemp("betons")
     return {

@@ -32,9 +32,13 @@ def ray_head(tmp_path):
     assert (home / ".ray" / "auth_token").is_file()
     temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's sockets live below it
     dashboard = free_port()
+    # Ports of its own: the tests' other Ray (conftest.ray_cluster) holds the default agent ports, and a
+    # job agent that cannot bind never comes up ("No available agent to submit job").
+    ports = {option: free_port() for option in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                "metrics-export-port", "runtime-env-agent-port")}
     subprocess.run(
-        ["ray", "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", "--num-cpus=3", f"--temp-dir={temp_dir}"],
+        ["ray", "start", "--head", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+         "--num-cpus=3", f"--temp-dir={temp_dir}", *(f"--{option}={port}" for option, port in ports.items())],
         env=env, check=True, capture_output=True, timeout=180,
     )
     address = f"http://127.0.0.1:{dashboard}"
@@ -48,7 +52,7 @@ def ray_head(tmp_path):
                 pass
 
 
-def wait_for_job_agent(env: dict, address: str, timeout: float = 120) -> None:
+def wait_for_job_agent(env: dict, address: str, timeout: float = 180) -> None:
     """`ray start` returns before the node's job agent takes jobs ("No available agent to submit job")."""
     deadline = time.monotonic() + timeout
     while True:

@@ -258,7 +258,7 @@ def print_summary(summary: dict, uri: str, experiment: str) -> None:
     for key, top1 in summary["member_top1_error"].items():
         print(f"{key:24}{top1:>14.4f}{summary['member_top5_error'][key]:>14.4f}")
     mean_std = lambda k: f"{summary[k + '_mean']:.4f}+-{summary[k + '_std']:.4f}"  # noqa: E731
-    print(f"{'members mean +- std':24}{mean_std('member_top1_error'):>14}{mean_std('member_top5_error'):>14}")
+    print(f"{'members mean +- std':24}{mean_std('member_top1_error'):>15}{mean_std('member_top5_error'):>15}")
     print(f"{'ensemble':24}{summary['ensemble_top1_error']:>14.4f}{summary['ensemble_top5_error']:>14.4f}")
     print(f"{'gain over mean member':24}{summary['gain_top1']:>14.4f}{summary['gain_top5']:>14.4f}")
     print(f"\nMLflow: mlflow ui --backend-store-uri {uri}  then open "

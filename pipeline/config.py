@@ -70,6 +70,7 @@ class TrainRecipe(Section):
     step_gamma: float = Field(gt=0, le=1)
     label_smoothing: float = Field(ge=0, lt=1)
     resolution: int = Field(gt=0)
+    crop_min_scale: float = Field(gt=0, le=1)
     pca_lighting_std: float = Field(ge=0)
     amp: bool
     channels_last: bool
@@ -92,6 +93,7 @@ class EnsembleParams(Section):
     first_seed: int = Field(ge=0)
     epochs: int = Field(gt=0)
     combine: Literal["softmax", "logits"]
+    num_workers: int | None = Field(ge=1)
     max_concurrent: int | None = Field(ge=1)
 
 
@@ -119,13 +121,20 @@ class Params(Section):
     ray: RayParams
     mlflow: MlflowParams
 
+    @property
+    def ensemble_workers(self) -> int:
+        """Ray workers per ensemble member: ensemble.num_workers, or ray.num_workers when that is null."""
+        return self.ensemble.num_workers or self.ray.num_workers
+
     @model_validator(mode="after")
     def _cross_section_rules(self) -> Params:
-        if self.train.batch_size % self.ray.num_workers:
-            raise ValueError(
-                f"train.batch_size={self.train.batch_size} is not divisible by ray.num_workers="
-                f"{self.ray.num_workers}: the global batch is split evenly across the workers"
-            )
+        workers_by_key = {"ray.num_workers": self.ray.num_workers, "ensemble.num_workers": self.ensemble_workers}
+        for key, workers in workers_by_key.items():
+            if self.train.batch_size % workers:
+                raise ValueError(
+                    f"train.batch_size={self.train.batch_size} is not divisible by {key}="
+                    f"{workers}: the global batch is split evenly across the workers"
+                )
         _check_model(self.ensemble.model, self.train.resolution, "ensemble.model")
         return self
 

@@ -69,8 +69,8 @@ def plan_members(params: Params, data: DataFiles, uri: str) -> list[Member]:
     members = []
     for index in range(params.ensemble.members):
         job = make_job(params, params.ensemble.model, data, seed=params.ensemble.first_seed + index,
-                       epochs=params.ensemble.epochs, uri=uri)
-        members.append(Member(index, job, run_name(job, params.ray.num_workers, prefix="ensemble-")))
+                       epochs=params.ensemble.epochs, num_workers=params.ensemble_workers, uri=uri)
+        members.append(Member(index, job, run_name(job, prefix="ensemble-")))
     return members
 
 
@@ -91,7 +91,7 @@ def max_concurrent_members(params: Params) -> int:
     """As many members at once as the cluster has CPUs (or GPUs) for their workers."""
     resource, per_worker = ("GPU", 1.0) if params.ray.use_gpu else ("CPU", params.ray.cpus_per_worker)
     available = ray.cluster_resources().get(resource, 0)
-    fits = max(1, math.floor(available / (per_worker * params.ray.num_workers)))
+    fits = max(1, math.floor(available / (per_worker * params.ensemble_workers)))
     return min(fits, params.ensemble.max_concurrent or fits)
 
 

@@ -117,6 +117,7 @@ def make_train_loader(
     distributed: bool,
     seed: int,
     start_epoch: int = 0,
+    crop_min_scale: float = 0.08,
     pca_lighting_std: float = 0.0,
     device: torch.device = torch.device("cpu"),
     channels_last: bool = False,
@@ -124,7 +125,7 @@ def make_train_loader(
 ) -> Loader:
     """Shuffled, augmented batches of (images (B, 3, resolution, resolution) `dtype`, labels (B,) int64).
     The order of epoch e depends on (seed, e) only: start_epoch resumes it where a run stopped."""
-    decoder = RandomResizedCropRGBImageDecoder((resolution, resolution))
+    decoder = RandomResizedCropRGBImageDecoder((resolution, resolution), scale=(crop_min_scale, 1))
     image_pipeline = _image_pipeline(decoder, [RandomHorizontalFlip()], device, channels_last, dtype)
     if pca_lighting_std > 0:
         image_pipeline.append(TensorTransform(pca_lighting(pca_lighting_std)))

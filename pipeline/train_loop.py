@@ -38,6 +38,7 @@ class TrainJob:
     recipe: TrainRecipe
     epochs: int
     seed: int
+    num_workers: int
     train_beton: str
     val_beton: str
     threads_per_worker: int
@@ -101,7 +102,7 @@ def train_worker(loop_config: dict) -> None:
     # The loader's shuffle is seeded by seed + epoch, so a resumed run replays the same order.
     train_loader = make_train_loader(
         Path(job.train_beton), batch_size=per_worker_batch, seed=job.seed, start_epoch=start_epoch,
-        pca_lighting_std=recipe.pca_lighting_std, **loader_options,
+        crop_min_scale=recipe.crop_min_scale, pca_lighting_std=recipe.pca_lighting_std, **loader_options,
     )
     val_loader = make_val_loader(Path(job.val_beton), batch_size=per_worker_batch, **loader_options)
     mlflow_client, system_metrics = _rank0_mlflow(job, rank)

@@ -65,23 +65,25 @@ def _read_labels(path: Path):
     return labels
 
 
-def make_job(params: Params, model: str, data: DataFiles, *, seed: int, epochs: int, uri: str) -> TrainJob:
+def make_job(
+    params: Params, model: str, data: DataFiles, *, seed: int, epochs: int, num_workers: int, uri: str
+) -> TrainJob:
     """The job before it has an MLflow run; see run_name and the callers."""
     return TrainJob(
         model=model, num_classes=data.num_classes, recipe=params.train, epochs=epochs, seed=seed,
+        num_workers=num_workers,
         train_beton=str(data.train_beton), val_beton=str(data.val_beton),
         threads_per_worker=max(1, int(params.ray.cpus_per_worker)), mlflow_run_id=None,
         tracking_uri=uri, log_system_metrics=params.mlflow.system_metrics,
     )
 
 
-def run_name(job: TrainJob, num_workers: int, prefix: str = "") -> str:
+def run_name(job: TrainJob, prefix: str = "") -> str:
     """Same name = same training: what shapes the result, including the data files' size and mtime."""
     identity = {
         key: value for key, value in dataclasses.asdict(job).items()
         if key not in ("mlflow_run_id", "tracking_uri", "log_system_metrics")
     }
-    identity["num_workers"] = num_workers
     identity["data"] = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in (job.train_beton, job.val_beton)]
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     return f"{prefix}{job.model}-{digest[:10]}"
@@ -112,7 +114,7 @@ def make_trainer(job: TrainJob, name: str, params: Params) -> TorchTrainer:
         train_worker,
         train_loop_config={"job": job},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=params.ray.num_workers,
+            num_workers=job.num_workers,
             use_gpu=params.ray.use_gpu,
             resources_per_worker={"CPU": params.ray.cpus_per_worker} | ({"GPU": 1} if params.ray.use_gpu else {}),
         ),
@@ -140,8 +142,9 @@ def train_model(params: Params, model_name: str, data_dir: Path, out_dir: Path) 
     experiment = tracking.experiment_id(client, params.mlflow.experiment, uri)
     # Before the MLflow run and its SIGTERM handler: ray.init installs a SIGTERM handler of its own.
     connect_ray(params.ray)
-    job = make_job(params, model_name, data, seed=params.train.seed, epochs=params.train.epochs, uri=uri)
-    name = run_name(job, params.ray.num_workers)
+    job = make_job(params, model_name, data, seed=params.train.seed, epochs=params.train.epochs,
+                   num_workers=params.ray.num_workers, uri=uri)
+    name = run_name(job)
 
     tags = {"model": model_name, "dvc_stage": f"train@{model_name}", "device": device_name(params.ray)}
     run_id, resumed = tracking.resume_or_create_run(client, experiment, name, tags, params.model_dump())

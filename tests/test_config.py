@@ -62,6 +62,15 @@ def test_batch_not_divisible_by_workers(tmp_path, params_dict):
     params_dict["train"]["batch_size"] = 129
     with pytest.raises(ParamsError, match=r"train.batch_size=129 is not divisible by ray.num_workers=2"):
         load_params(write(tmp_path, params_dict))
+    params_dict["train"]["batch_size"] = 32
+    params_dict["ensemble"]["num_workers"] = 3
+    with pytest.raises(ParamsError, match=r"train.batch_size=32 is not divisible by ensemble.num_workers=3"):
+        load_params(write(tmp_path, params_dict))
+
+
+def test_ensemble_workers_default_to_the_training_workers(tmp_path, params_dict):
+    params_dict["ensemble"]["num_workers"] = None
+    assert load_params(write(tmp_path, params_dict)).ensemble_workers == params_dict["ray"]["num_workers"]
 
 
 def test_unknown_and_missing_keys(tmp_path, params_dict):

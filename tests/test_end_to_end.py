@@ -20,7 +20,7 @@ REDUCED = {
     "data": {"digits_image_size": 72},
     "preprocess": {"max_resolution": 72},
     "train": {"models": ["alexnet2012"], "epochs": 1, "batch_size": 64, "resolution": TEST_RESOLUTION},
-    "ensemble": {"members": 2, "epochs": 1, "max_concurrent": 1},
+    "ensemble": {"members": 2, "epochs": 1, "max_concurrent": None},
 }
 
 

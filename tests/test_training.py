@@ -61,7 +61,8 @@ def test_loop_learns_and_writes_outputs(trained_run):
     for row in history:
         assert 0 <= row["val_top5_error"] <= row["val_top1_error"] <= 1
         assert 0 <= row["data_wait_share"] <= 1 and row["images_per_s"] > 0
-    # 10 classes: chance is 0.9 top-1 error. Three short epochs on 300 images must already beat it.
+    # 10 classes: chance is 0.9 top-1 error. Three epochs on the digits reached 0.36 and 0.66 in two
+    # seeds (the validation error swings by epoch), so only a loop that does not learn fails this.
     assert trained_run["metrics"]["val_top1_error"] < 0.8
     assert trained_run["metrics"]["parameters"] == 58_322_314  # alexnet2012 with 10 classes
     state = torch.load(trained_run["out"] / "model.pt", weights_only=True)

@@ -49,22 +49,22 @@ def images_per_second(model: nn.Module, batches_per_epoch, epochs: int) -> float
     return images / (time.perf_counter() - start)
 
 
-def ffcv_loop(config: dict) -> float:
+def loader_and_model(config: dict):
     torch.manual_seed(0)
     torch.set_num_threads(config["threads"])
     loader = make_train_loader(Path(config["beton"]), batch_size=config["batch_size"], resolution=config["resolution"],
                                num_threads=config["threads"], distributed=False, seed=0)
-    model = models.build(config["model"], config["num_classes"])
+    return loader, models.build(config["model"], config["num_classes"])
+
+
+def ffcv_loop(config: dict) -> float:
+    loader, model = loader_and_model(config)
     return images_per_second(model, lambda: loader, config["epochs"])
 
 
 def in_memory_loop(config: dict) -> float:
-    torch.manual_seed(0)
-    torch.set_num_threads(config["threads"])
-    loader = make_train_loader(Path(config["beton"]), batch_size=config["batch_size"], resolution=config["resolution"],
-                               num_threads=config["threads"], distributed=False, seed=0)
+    loader, model = loader_and_model(config)
     batches = [(images.clone(), labels.clone()) for images, labels in loader]
-    model = models.build(config["model"], config["num_classes"])
     return images_per_second(model, lambda: batches, config["epochs"])
 
 

@@ -129,16 +129,8 @@ def make_train_loader(
     image_pipeline = _image_pipeline(decoder, [RandomHorizontalFlip()], device, channels_last, dtype)
     if pca_lighting_std > 0:
         image_pipeline.append(TensorTransform(pca_lighting(pca_lighting_std)))
-    loader = Loader(
-        str(beton),
-        batch_size=batch_size,
-        num_workers=num_threads,
-        order=OrderOption.RANDOM,
-        distributed=distributed,
-        seed=seed,
-        drop_last=True,
-        pipelines={"image": image_pipeline, "label": _label_pipeline(device)},
-    )
+    loader = _loader(beton, image_pipeline, device, batch_size, num_threads, distributed,
+                     order=OrderOption.RANDOM, seed=seed, drop_last=True)
     # FFCV shuffles with seed + next_epoch and counts next_epoch from 0 in every new Loader.
     loader.next_epoch = start_epoch
     return loader
@@ -183,18 +175,9 @@ def make_val_loader(
 ) -> ValLoader:
     """Center-cropped batches of (images (B, 3, resolution, resolution) `dtype`, labels (B,) int64)."""
     decoder = CenterCropRGBImageDecoder((resolution, resolution), ratio=VAL_CROP_RATIO)
-    loader = Loader(
-        str(beton),
-        batch_size=batch_size,
-        num_workers=num_threads,
-        order=OrderOption.SEQUENTIAL,
-        distributed=distributed,
-        drop_last=False,
-        pipelines={
-            "image": _image_pipeline(decoder, [], device, channels_last, dtype),
-            "label": _label_pipeline(device),
-        },
-    )
+    image_pipeline = _image_pipeline(decoder, [], device, channels_last, dtype)
+    loader = _loader(beton, image_pipeline, device, batch_size, num_threads, distributed,
+                     order=OrderOption.SEQUENTIAL, drop_last=False)
     total = loader.reader.num_samples
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     return ValLoader(loader, num_samples=len(range(rank, total, world)))
@@ -234,6 +217,16 @@ def _image_pipeline(
         # NumPy, hence FFCV's NormalizeImage, has no bfloat16.
         pipeline.append(TensorTransform(lambda images: images.to(dtype)))
     return pipeline
+
+
+def _loader(
+    beton: Path, image_pipeline: list[Operation], device: torch.device, batch_size: int, num_threads: int,
+    distributed: bool, **order_options,
+) -> Loader:
+    return Loader(
+        str(beton), batch_size=batch_size, num_workers=num_threads, distributed=distributed,
+        pipelines={"image": image_pipeline, "label": _label_pipeline(device)}, **order_options,
+    )
 
 
 def _label_pipeline(device: torch.device) -> list[Operation]:

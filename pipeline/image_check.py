@@ -20,7 +20,7 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from multiprocessing import Pool
+from multiprocessing import get_context
 from pathlib import Path
 
 import cv2
@@ -87,7 +87,9 @@ def check_image(path: Path, max_resolution: int) -> ImageCheck:
 def check_images(paths: Sequence[Path], max_resolution: int, workers: int, description: str) -> list[ImageCheck]:
     """check_image for every path, in `workers` processes, with a progress bar; results in input order."""
     check = partial(check_image, max_resolution=max_resolution)
-    with Pool(workers) as pool:
+    # Spawned, not forked: a fork copies locks held by the caller's threads (Ray, torch, numba), and a
+    # forked worker once hung the pool's shutdown in the test process that runs Ray.
+    with get_context("spawn").Pool(workers) as pool:
         results = pool.imap(check, paths, chunksize=16)
         return list(tqdm(results, total=len(paths), desc=description, unit="img"))
 

@@ -3,7 +3,8 @@
 Each member is a data-parallel TorchTrainer run with its own seed, named like a train-stage run
 (model + fingerprint, seed included), so an interrupted stage picks up where it stopped: a member
 whose run folder holds the done marker is not trained again, and one that was cut short resumes from
-its last checkpoint through Ray Train. Members do not write to MLflow while they train (several at
+its last checkpoint through Ray Train. A finished member keeps only its weights and history (half a
+checkpoint's size: no optimizer state) next to the marker. Members do not write to MLflow while they train (several at
 once would contend for the SQLite store); the driver logs them as nested runs once all have finished.
 """
 
@@ -33,11 +34,12 @@ from pipeline.combine import combine, error_curve, top_k_errors
 from pipeline.config import Params
 from pipeline.errors import InputError
 from pipeline.loaders import make_val_loader
-from pipeline.train_loop import CHECKPOINT_FILE, TrainJob
+from pipeline.train_loop import TrainJob
 from pipeline.training import (
     DataFiles,
     connect_ray,
     device_name,
+    drop_checkpoints,
     load_final_state,
     load_model,
     log_model,
@@ -48,6 +50,7 @@ from pipeline.training import (
 )
 
 DONE_MARKER = "member_done.json"
+MEMBER_WEIGHTS = "member.pt"
 TRIAL_MEMORY_BYTES = 64 * 2**20
 
 
@@ -78,13 +81,14 @@ def fit_member(config: dict, members: list[Member], params: Params) -> None:
     """Ray Tune trainable: one member is one TorchTrainer run, marked done only once it has finished."""
     member = members[config["index"]]
     started = time.time()
-    result = make_trainer(member.job, member.name, params).fit()
-    load_final_state(result)  # a member is done only if its last checkpoint loads
+    state = load_final_state(make_trainer(member.job, member.name, params).fit())
     run_dir = storage_root(params.ray) / member.name
-    # Relative, so the storage folder can be moved or mounted elsewhere.
-    checkpoint = str(Path(result.checkpoint.path).relative_to(run_dir))
-    marker = {"checkpoint": checkpoint, "started_at": started, "finished_at": time.time()}
+    partial = run_dir / f"{MEMBER_WEIGHTS}.partial"
+    torch.save({"model": state["model"], "history": state["history"]}, partial)
+    partial.replace(run_dir / MEMBER_WEIGHTS)
+    marker = {"weights": MEMBER_WEIGHTS, "started_at": started, "finished_at": time.time()}
     (run_dir / DONE_MARKER).write_text(json.dumps(marker))
+    drop_checkpoints(run_dir)
 
 
 def max_concurrent_members(params: Params) -> int:
@@ -125,12 +129,12 @@ def load_member(member: Member, params: Params) -> tuple[torch.nn.Module, list[d
     if not marker.exists():
         raise EnsembleError(f"{member.describe()} did not finish training (no {marker}); "
                             f"see its Ray logs under {marker.parent}")
-    checkpoint = marker.parent / json.loads(marker.read_text())["checkpoint"] / CHECKPOINT_FILE
+    weights = marker.parent / json.loads(marker.read_text())["weights"]
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = torch.load(weights, map_location="cpu", weights_only=True)
         return load_model(member.job, state), state["history"]
     except Exception as error:
-        raise EnsembleError(f"{member.describe()}: checkpoint {checkpoint} does not load: {error}") from error
+        raise EnsembleError(f"{member.describe()}: weights {weights} do not load: {error}") from error
 
 
 @torch.no_grad()

@@ -4,6 +4,8 @@ A run's Ray name is the model plus a fingerprint of everything that shapes the r
 epochs, seed, worker count, data files). Running the same training again after it was interrupted
 therefore lands in the same Ray storage folder, where Ray Train V2 hands the last checkpoint back to
 the workers, and continues the same MLflow run; changed params give a new name and a fresh start.
+Once a run has finished, its checkpoints are deleted: the weights live on in the stage outputs and
+MLflow, a rerun of a finished run starts from scratch anyway, and at VGG sizes they are GBs per run.
 """
 
 from __future__ import annotations
@@ -134,6 +136,15 @@ def load_final_state(result: ray.train.Result) -> dict:
         return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
 
 
+def drop_checkpoints(run_dir: Path) -> None:
+    """Ray's record of them goes too, so that fitting the same name again starts fresh instead of
+    looking for deleted checkpoints."""
+    for checkpoint in run_dir.glob("checkpoint_*"):
+        if checkpoint.is_dir():
+            shutil.rmtree(checkpoint)
+    (run_dir / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
+
+
 def train_model(params: Params, model_name: str, data_dir: Path, out_dir: Path) -> dict:
     """The train stage for one model: returns the metrics it also writes to out_dir/metrics.json."""
     data = DataFiles.find(data_dir)
@@ -165,6 +176,7 @@ def train_model(params: Params, model_name: str, data_dir: Path, out_dir: Path) 
         tracking.log_metrics(client, run_id, summary_only)
         if params.mlflow.log_model:
             log_model(uri, run_id, model, params.train.resolution)
+    drop_checkpoints(storage_root(params.ray) / name)
     print(f"[{model_name}] val top-1 error {metrics['val_top1_error']:.4f}, top-5 {metrics['val_top5_error']:.4f}; "
           f"MLflow run {run_id} at {uri}")
     return metrics

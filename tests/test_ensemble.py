@@ -31,7 +31,8 @@ def ensemble_run(tmp_path_factory, ray_cluster, digits_betons):
     folder = tmp_path_factory.mktemp("ensemble")
     _, params = write_params(folder, ensemble_overrides(folder))
     summary = run_ensemble(params, digits_betons, folder / "out")
-    return {"folder": folder, "params": params, "summary": summary}
+    yield {"folder": folder, "params": params, "summary": summary}
+    shutil.rmtree(folder)  # ~1 GB of weights that no later module reads
 
 
 def done_markers(params, data) -> list[dict]:
@@ -43,6 +44,14 @@ def test_members_train_two_at_a_time(ensemble_run, digits_betons):
     spans = [(m["started_at"], m["finished_at"]) for m in done_markers(ensemble_run["params"], digits_betons)]
     most_at_once = max(sum(start <= t < end for start, end in spans) for t, _ in spans)
     assert most_at_once == 2
+
+
+def test_finished_members_keep_only_their_weights(ensemble_run):
+    run_dirs = sorted((ensemble_run["folder"] / "ray_results").glob(f"*/{DONE_MARKER}"))
+    assert len(run_dirs) == MEMBERS
+    for marker in run_dirs:
+        assert sorted(path.name for path in marker.parent.glob("*.pt")) == ["member.pt"]
+        assert not list(marker.parent.glob("checkpoint*")), "a finished member's checkpoints take GBs at VGG sizes"
 
 
 def test_outputs_and_curve(ensemble_run):
@@ -94,8 +103,8 @@ def test_refuses_missing_or_unreadable_members(ensemble_run, digits_betons, tmp_
     with pytest.raises(EnsembleError, match=r"member 1 \(seed 101, run .*\) did not finish training"):
         load_member(members[1], params)
     marker = json.loads((storage_root(params.ray) / members[2].name / DONE_MARKER).read_text())
-    (storage_root(params.ray) / members[2].name / marker["checkpoint"] / "state.pt").write_bytes(b"truncated")
-    with pytest.raises(EnsembleError, match=r"member 2 \(seed 102, .*state.pt does not load"):
+    (storage_root(params.ray) / members[2].name / marker["weights"]).write_bytes(b"truncated")
+    with pytest.raises(EnsembleError, match=r"member 2 \(seed 102, .*member.pt do not load"):
         load_member(members[2], params)
 
 

@@ -46,10 +46,11 @@ def checkpoints(folder: Path) -> list[Path]:
     return sorted((folder / "ray_results").glob("*/checkpoint_*"))
 
 
-def train_workers() -> list[psutil.Process]:
+def train_workers(started_after: float) -> list[psutil.Process]:
+    """A run's workers; the start time leaves out an earlier run's workers that Ray has not reaped yet."""
     found = []
-    for process in psutil.process_iter(["cmdline"]):
-        if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
+    for process in psutil.process_iter(["cmdline", "create_time"]):
+        if "RayTrainWorker" in " ".join(process.info["cmdline"] or []) and process.info["create_time"] >= started_after:
             found.append(process)
     return found
 
@@ -67,6 +68,7 @@ def test_loop_learns_and_writes_outputs(trained_run):
     assert trained_run["metrics"]["parameters"] == 58_322_314  # alexnet2012 with 10 classes
     state = torch.load(trained_run["out"] / "model.pt", weights_only=True)
     assert "features.0.weight" in state
+    assert not checkpoints(trained_run["folder"]), "a finished run's checkpoints are deleted"
 
 
 def test_mlflow_holds_the_run(trained_run):
@@ -90,10 +92,11 @@ def test_mlflow_holds_the_run(trained_run):
 def test_worker_killed_mid_epoch_is_restarted_and_resumes(tmp_path, ray_cluster, digits_betons):
     _, params = write_params(tmp_path, training_overrides(tmp_path, max_failures=2))
     killed: dict = {}
+    started = time.time()
 
     def kill_a_worker_in_the_second_epoch() -> None:
         wait_for(lambda: len(checkpoints(tmp_path)) >= 1, 300, "the first epoch's checkpoint")
-        killed["group"] = train_workers()
+        killed["group"] = train_workers(started_after=started)
         time.sleep(2)
         killed["victim"] = killed["group"][1]
         killed["victim"].kill()

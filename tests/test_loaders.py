@@ -114,6 +114,33 @@ def test_train_batches_carry_pca_lighting_noise(betons):
     assert 0.5 * std < alpha.std() < 1.5 * std
 
 
+def crop_widths(beton: Path, crop_min_scale: float) -> torch.Tensor:
+    """The width, in source pixels, of every train crop of the horizontal-ramp images (red = 4 * x)."""
+    loader = make_train_loader(beton, batch_size=8, resolution=RESOLUTION, num_threads=2, distributed=False,
+                               seed=0, crop_min_scale=crop_min_scale)
+    red = torch.cat([images[:, 0] for images, _ in loader]) * IMAGENET_STD[0]
+    return (red.amax(dim=(1, 2)) - red.amin(dim=(1, 2))) / 4
+
+
+@pytest.mark.timeout(120)
+def test_crop_min_scale_bounds_the_random_crops(tmp_path, params_dict):
+    side = 64
+    ramp = np.zeros((side, side, 3), dtype=np.uint8)
+    ramp[..., 0] = 4 * np.arange(side)[None, :]
+    paths = []
+    for index in range(TRAIN_SAMPLES):
+        paths.append(tmp_path / f"{index}.png")
+        Image.fromarray(ramp).save(paths[-1])
+    params = PreprocessParams.model_validate(params_dict["preprocess"] | {"write_mode": "raw", "max_resolution": 64})
+    beton = tmp_path / "ramp.beton"
+    write_beton(beton, paths, list(range(TRAIN_SAMPLES)), params)
+
+    # Area share >= 0.9 at aspect ratios >= 3/4: every crop is at least sqrt(0.9 * 3/4) * 64 = 52.6 px wide.
+    assert crop_widths(beton, 0.9).min() > 48
+    # Down to 0.08 (ImageNet's), 40 crops all that wide would be a (~0.7)^40 chance.
+    assert crop_widths(beton, 0.08).min() < 40
+
+
 @pytest.mark.timeout(120)
 def test_resuming_at_an_epoch_replays_that_epochs_order(betons):
     options = dict(batch_size=8, resolution=RESOLUTION, num_threads=2, distributed=False, seed=5)

@@ -237,10 +237,16 @@ def log_to_mlflow(client, uri, experiment, parent, members, loaded, summary, cur
                                               "curve_top5_error": point["top5_error"]}, step=point["members"])
     client.log_figure(parent, error_curve_figure(curve, summary), "error_vs_members.png")
 
-    best = min(members, key=lambda m: summary["member_top1_error"][f"member_{m.index}"])
+    best = members[best_member(summary)]
     info = log_model(uri, child_ids[best.index], loaded[best.index][0], params.train.resolution)
     version = mlflow.register_model(info.model_uri, params.mlflow.registered_model)
     client.set_registered_model_alias(params.mlflow.registered_model, "best", version.version)
+
+
+def best_member(summary: dict) -> int:
+    """Lowest top-1 error; ties (common on a small validation set) go to top-5, then to the first member."""
+    return min(range(summary["members"]), key=lambda i: (summary["member_top1_error"][f"member_{i}"],
+                                                          summary["member_top5_error"][f"member_{i}"]))
 
 
 def error_curve_figure(curve: list[dict], summary: dict):

@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PROJECT_ROOT
-from pipeline.ensemble import DONE_MARKER, EnsembleError, load_member, plan_members, run_ensemble
+from pipeline.ensemble import DONE_MARKER, EnsembleError, best_member, load_member, plan_members, run_ensemble
 from pipeline.training import DataFiles, storage_root
 from tests.conftest import training_overrides, without_ray_address, write_params
 from tests.test_training import end_tree, wait_for
@@ -88,8 +88,17 @@ def test_mlflow_parent_with_nested_members(ensemble_run):
         assert child.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val_top1_error")] == [0]
     best = client.get_model_version_by_alias(params.mlflow.registered_model, "best")
-    best_child = min(children, key=lambda child: child.data.metrics["val_top1_error"])
-    assert best.run_id == best_child.info.run_id
+    registered = next(child for child in children if child.info.run_id == best.run_id)
+    errors = ensemble_run["summary"]["member_top1_error"]
+    assert errors[f"member_{int(registered.data.tags['seed']) - 100}"] == min(errors.values())
+
+
+def test_best_member_breaks_ties_on_top5_then_order():
+    summary = {"members": 3, "member_top1_error": {"member_0": 0.5, "member_1": 0.4, "member_2": 0.4},
+               "member_top5_error": {"member_0": 0.1, "member_1": 0.2, "member_2": 0.1}}
+    assert best_member(summary) == 2
+    summary["member_top5_error"]["member_1"] = 0.1
+    assert best_member(summary) == 1
 
 
 def test_refuses_missing_or_unreadable_members(ensemble_run, digits_betons, tmp_path):

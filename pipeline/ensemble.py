@@ -4,8 +4,9 @@ Each member is a data-parallel TorchTrainer run with its own seed, named like a 
 (model + fingerprint, seed included), so an interrupted stage picks up where it stopped: a member
 whose run folder holds the done marker is not trained again, and one that was cut short resumes from
 its last checkpoint through Ray Train. A finished member keeps only its weights and history (half a
-checkpoint's size: no optimizer state) next to the marker. Members do not write to MLflow while they train (several at
-once would contend for the SQLite store); the driver logs them as nested runs once all have finished.
+checkpoint's size: no optimizer state) next to the marker. Members do not write to MLflow while they
+train (several at once would contend for the SQLite store); the driver logs them as nested runs once
+all have finished.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def fit_member(config: dict, members: list[Member], params: Params) -> None:
     partial = run_dir / f"{MEMBER_WEIGHTS}.partial"
     torch.save({"model": state["model"], "history": state["history"]}, partial)
     partial.replace(run_dir / MEMBER_WEIGHTS)
-    marker = {"weights": MEMBER_WEIGHTS, "started_at": started, "finished_at": time.time()}
+    marker = {"started_at": started, "finished_at": time.time()}
     (run_dir / DONE_MARKER).write_text(json.dumps(marker))
     drop_checkpoints(run_dir)
 
@@ -129,7 +130,7 @@ def load_member(member: Member, params: Params) -> tuple[torch.nn.Module, list[d
     if not marker.exists():
         raise EnsembleError(f"{member.describe()} did not finish training (no {marker}); "
                             f"see its Ray logs under {marker.parent}")
-    weights = marker.parent / json.loads(marker.read_text())["weights"]
+    weights = marker.parent / MEMBER_WEIGHTS
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         return load_model(member.job, state), state["history"]

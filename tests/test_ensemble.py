@@ -12,7 +12,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PROJECT_ROOT
-from pipeline.ensemble import DONE_MARKER, EnsembleError, best_member, load_member, plan_members, run_ensemble
+from pipeline.ensemble import (
+    DONE_MARKER,
+    MEMBER_WEIGHTS,
+    EnsembleError,
+    best_member,
+    load_member,
+    plan_members,
+    run_ensemble,
+)
 from pipeline.training import DataFiles, storage_root
 from tests.conftest import training_overrides, without_ray_address, write_params
 from tests.test_training import end_tree, wait_for
@@ -50,7 +58,7 @@ def test_finished_members_keep_only_their_weights(ensemble_run):
     run_dirs = sorted((ensemble_run["folder"] / "ray_results").glob(f"*/{DONE_MARKER}"))
     assert len(run_dirs) == MEMBERS
     for marker in run_dirs:
-        assert sorted(path.name for path in marker.parent.glob("*.pt")) == ["member.pt"]
+        assert sorted(path.name for path in marker.parent.glob("*.pt")) == [MEMBER_WEIGHTS]
         assert not list(marker.parent.glob("checkpoint*")), "a finished member's checkpoints take GBs at VGG sizes"
 
 
@@ -111,8 +119,7 @@ def test_refuses_missing_or_unreadable_members(ensemble_run, digits_betons, tmp_
     (storage_root(params.ray) / members[1].name / DONE_MARKER).unlink()
     with pytest.raises(EnsembleError, match=r"member 1 \(seed 101, run .*\) did not finish training"):
         load_member(members[1], params)
-    marker = json.loads((storage_root(params.ray) / members[2].name / DONE_MARKER).read_text())
-    (storage_root(params.ray) / members[2].name / marker["weights"]).write_bytes(b"truncated")
+    (storage_root(params.ray) / members[2].name / MEMBER_WEIGHTS).write_bytes(b"truncated")
     with pytest.raises(EnsembleError, match=r"member 2 \(seed 102, .*member.pt do not load"):
         load_member(members[2], params)
 

@@ -28,7 +28,7 @@ from torch import nn
 
 import models
 from pipeline.loaders import make_train_loader
-from pipeline.training import DataFiles
+from pipeline.dataset import Dataset
 
 
 def images_per_second(model: nn.Module, batches_per_epoch, epochs: int) -> float:
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs, after one warm-up epoch")
     args = parser.parse_args(argv)
 
-    data = DataFiles.find(args.data)
-    config = {"beton": str(data.train_beton), "num_classes": data.num_classes, "model": args.model,
+    data = Dataset.read(args.data)
+    config = {"beton": str(data.files["train"].path), "num_classes": data.num_classes, "model": args.model,
               "resolution": args.resolution, "batch_size": args.batch_size, "threads": args.threads,
               "epochs": args.epochs}
     ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     ray.shutdown()
 
     print(f"\n{args.model} at {args.resolution}px, batch {args.batch_size}, {args.threads} threads, "
-          f"{args.epochs} timed epochs of {data.train_beton} on {platform.processor() or platform.machine()}")
+          f"{args.epochs} timed epochs of {data.files['train'].path} on {platform.processor() or platform.machine()}")
     for name, rate in rates.items():
         print(f"  {name:36} {rate:8.1f} img/s")
     ffcv, memory, on_ray = rates.values()

@@ -12,7 +12,7 @@ from models.convnet import ConvNet
 from models.vgg import VARIANTS as VGG_VARIANTS
 from models.vgg import vgg
 
-__all__ = ["ConvNet", "build", "min_resolution", "names"]
+__all__ = ["ConvNet", "build", "min_resolution", "names", "recipe_keys"]
 
 # Builders of the ungrouped models, called as builder(num_classes, dropout=...).
 _UNGROUPED_BUILDERS: dict[str, Callable[..., ConvNet]] = {
@@ -51,3 +51,8 @@ def min_resolution(name: str) -> int:
     # Built on the meta device: only the layer hyperparameters matter, so nothing is allocated or drawn.
     with torch.device("meta"):
         return build(name, num_classes=1).min_resolution
+
+
+def recipe_keys(name: str) -> tuple[str, ...]:
+    """The training recipe's keys that change how model `name` is built."""
+    return ("dropout", "alexnet_groups", "alexnet_init") if name == "alexnet2012" else ("dropout",)

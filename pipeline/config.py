@@ -8,7 +8,6 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-import models
 from pipeline.errors import InputError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -74,13 +73,13 @@ class TrainRecipe(Section):
     pca_lighting_std: float = Field(ge=0)
     amp: bool
     channels_last: bool
-    checkpoints_to_keep: int = Field(ge=1)
-    max_failures: int = Field(ge=0)
     seed: int = Field(ge=0)
 
     @model_validator(mode="after")
     def _models_known_and_fit_resolution(self) -> TrainRecipe:
         if not self.models:
+            import models
+
             raise ValueError("train.models is empty: name at least one of " + ", ".join(models.names()))
         for name in self.models:
             _check_model(name, self.resolution, "train.models")
@@ -103,6 +102,9 @@ class RayParams(Section):
     cpus_per_worker: float = Field(gt=0)
     local_num_cpus: int | None = Field(ge=1)
     storage_path: str
+    checkpoints_to_keep: int = Field(ge=1)
+    max_failures: int = Field(ge=0)
+    keep_finished_runs: int | None = Field(ge=0)
 
 
 class MlflowParams(Section):
@@ -140,6 +142,11 @@ class Params(Section):
 
 
 def _check_model(name: str, resolution: int, key: str) -> None:
+    # Imported here, not at the top: the data stages validate the whole params.yaml too (a typo in train
+    # fails `dvc repro` in its first second), but their outputs do not depend on the model code, and DVC
+    # makes each stage depend on the modules it imports.
+    import models
+
     if name not in models.names():
         raise ValueError(f"{key}: unknown model {name!r}; known models: {', '.join(models.names())}")
     minimum = models.min_resolution(name)

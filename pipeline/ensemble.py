@@ -1,12 +1,11 @@
 """The ensemble stage: N members of one model trained side by side as Ray Tune trials, then combined.
 
-Each member is a data-parallel TorchTrainer run with its own seed, named like a train-stage run
-(model + fingerprint, seed included), so an interrupted stage picks up where it stopped: a member
-whose run folder holds the done marker is not trained again, and one that was cut short resumes from
-its last checkpoint through Ray Train. A finished member keeps only its weights and history (half a
-checkpoint's size: no optimizer state) next to the marker. Members do not write to MLflow while they
-train (several at once would contend for the SQLite store); the driver logs them as nested runs once
-all have finished.
+Each member is a training run like the train stage's (pipeline/runs.py), with a seed of its own drawn
+from numpy's SeedSequence(ensemble.first_seed).spawn: member i's seed is independent of the others'
+and of the member count, so raising ensemble.members trains only the new members. A member whose run
+has finished is reused; one that was cut short resumes from its checkpoints. A finished member keeps
+only its result (weights and history) in the run store. Members do not write to MLflow while they train
+(several at once would contend for the SQLite store); the driver logs them as nested runs at the end.
 """
 
 from __future__ import annotations
@@ -15,43 +14,31 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import statistics
 import time
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # the stage runs headless: DVC, CI, Ray jobs
 import matplotlib.pyplot as plt
 import mlflow
+import numpy as np
 import ray
 import torch
-from mlflow.tracking import MlflowClient
 from ray import tune
 
-from pipeline import tracking
-from pipeline.combine import combine, error_curve, top_k_errors
+from pipeline import cluster, tracking
+from pipeline.combine import error_curve, top_k_errors
 from pipeline.config import Params
+from pipeline.dataset import Dataset
 from pipeline.errors import InputError
 from pipeline.loaders import make_val_loader
+from pipeline.runs import RunResult, RunStore
+from pipeline.storage import Location
 from pipeline.train_loop import TrainJob
-from pipeline.training import (
-    DataFiles,
-    connect_ray,
-    device_name,
-    drop_checkpoints,
-    load_final_state,
-    load_model,
-    log_model,
-    make_job,
-    make_trainer,
-    run_name,
-    storage_root,
-)
+from pipeline.trainer import fit
+from pipeline.training import load_model, log_model, make_job, run_spec, run_store
 
-DONE_MARKER = "member_done.json"
-MEMBER_WEIGHTS = "member.pt"
 TRIAL_MEMORY_BYTES = 64 * 2**20
 
 
@@ -63,33 +50,42 @@ class EnsembleError(InputError):
 class Member:
     index: int
     job: TrainJob
-    name: str
+
+    @property
+    def name(self) -> str:
+        return self.job.spec.name
 
     def describe(self) -> str:
-        return f"member {self.index} (seed {self.job.seed}, run {self.name})"
+        return f"member {self.index} (seed {self.job.spec.seed}, run {self.name})"
 
 
-def plan_members(params: Params, data: DataFiles, uri: str) -> list[Member]:
-    members = []
-    for index in range(params.ensemble.members):
-        job = make_job(params, params.ensemble.model, data, seed=params.ensemble.first_seed + index,
-                       epochs=params.ensemble.epochs, num_workers=params.ensemble_workers, uri=uri)
-        members.append(Member(index, job, run_name(job, prefix="ensemble-")))
-    return members
+def member_seeds(first_seed: int, count: int) -> list[int]:
+    """Independent seeds: consecutive ones (first_seed + i) would make member i+1's shuffle in epoch e
+    member i's in epoch e+1, since FFCV orders an epoch by seed + epoch. Kept below 2**31 so seed + epoch
+    stays a valid numpy seed."""
+    children = np.random.SeedSequence(first_seed).spawn(count)
+    return [int(child.generate_state(1)[0]) % 2**31 for child in children]
 
 
-def fit_member(config: dict, members: list[Member], params: Params) -> None:
-    """Ray Tune trainable: one member is one TorchTrainer run, marked done only once it has finished."""
+def plan_members(params: Params, dataset: Dataset) -> list[Member]:
+    seeds = member_seeds(params.ensemble.first_seed, params.ensemble.members)
+    return [
+        Member(index, make_job(run_spec(params, params.ensemble.model, dataset, seed=seed,
+                                        epochs=params.ensemble.epochs, num_workers=params.ensemble_workers),
+                               dataset, params, tracking_target=None))
+        for index, seed in enumerate(seeds)
+    ]
+
+
+def fit_member(config: dict, members: list[Member], runs: RunStore, params: Params) -> None:
+    """Ray Tune trainable: one member is one TorchTrainer run; its result is saved once it has finished,
+    and then its checkpoints go (the driver logs members to MLflow from their results)."""
     member = members[config["index"]]
     started = time.time()
-    state = load_final_state(make_trainer(member.job, member.name, params).fit())
-    run_dir = storage_root(params.ray) / member.name
-    partial = run_dir / f"{MEMBER_WEIGHTS}.partial"
-    torch.save({"model": state["model"], "history": state["history"]}, partial)
-    partial.replace(run_dir / MEMBER_WEIGHTS)
-    marker = {"started_at": started, "finished_at": time.time()}
-    (run_dir / DONE_MARKER).write_text(json.dumps(marker))
-    drop_checkpoints(run_dir)
+    result = fit(member.job, runs, params.ray)
+    record = runs.record(member.name)
+    record.save_result(result, member.job.spec.identity(), {"started_at": started, "finished_at": time.time()})
+    record.drop_checkpoints()
 
 
 def max_concurrent_members(params: Params) -> int:
@@ -100,8 +96,8 @@ def max_concurrent_members(params: Params) -> int:
     return min(fits, params.ensemble.max_concurrent or fits)
 
 
-def train_members(members: list[Member], params: Params) -> None:
-    pending = [m for m in members if not (storage_root(params.ray) / m.name / DONE_MARKER).exists()]
+def train_members(members: list[Member], runs: RunStore, params: Params) -> None:
+    pending = [member for member in members if runs.record(member.name).status() != "finished"]
     for member in members:
         if member not in pending:
             print(f"Reusing {member.describe()}: already trained")
@@ -113,37 +109,37 @@ def train_members(members: list[Member], params: Params) -> None:
     # own. A trial asking for any CPU would leave a 2-CPU machine short of a 2-worker member for good;
     # Tune refuses an empty request, so the trial asks for a little (logical) memory instead.
     trial_resources = {"cpu": 0, "memory": TRIAL_MEMORY_BYTES}
-    trainable = tune.with_resources(tune.with_parameters(fit_member, members=members, params=params), trial_resources)
+    trainable = tune.with_parameters(fit_member, members=members, runs=runs, params=params)
     tuner = tune.Tuner(
-        trainable,
-        param_space={"index": tune.grid_search([m.index for m in pending])},
+        tune.with_resources(trainable, trial_resources),
+        param_space={"index": tune.grid_search([member.index for member in pending])},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(
-            name=f"ensemble-tune-{members[0].name}", storage_path=str(storage_root(params.ray)), verbose=1
-        ),
+        run_config=tune.RunConfig(name=f"ensemble-tune-{members[0].name}", storage_path=runs.root.path,
+                                  storage_filesystem=runs.root.filesystem, verbose=1),
     )
-    tuner.fit()  # failures surface below, as the member that has no done marker
+    tuner.fit()  # failures surface below, as the member that has no result
 
 
-def load_member(member: Member, params: Params) -> tuple[torch.nn.Module, list[dict]]:
-    marker = storage_root(params.ray) / member.name / DONE_MARKER
-    if not marker.exists():
-        raise EnsembleError(f"{member.describe()} did not finish training (no {marker}); "
-                            f"see its Ray logs under {marker.parent}")
-    weights = marker.parent / MEMBER_WEIGHTS
+def load_member(member: Member, runs: RunStore) -> RunResult:
+    record = runs.record(member.name)
+    if record.status() != "finished":
+        raise EnsembleError(f"{member.describe()} did not finish training (no result in {record.folder}); "
+                            f"see its Ray logs there")
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        return load_model(member.job, state), state["history"]
+        result = record.load_result()
+        load_model(member.job.spec, result)
     except Exception as error:
-        raise EnsembleError(f"{member.describe()}: weights {weights} do not load: {error}") from error
+        raise EnsembleError(f"{member.describe()}: its weights in {record.folder} do not load: {error}") from error
+    record.mark_used()
+    return result
 
 
 @torch.no_grad()
-def member_logits(networks: list[torch.nn.Module], val_beton: Path, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+def member_logits(networks: list[torch.nn.Module], dataset: Dataset, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[members, samples, classes] logits and [samples] labels, in one pass over the validation set."""
     for network in networks:
         network.eval()
-    loader = make_val_loader(val_beton, batch_size=256, resolution=resolution,
+    loader = make_val_loader(dataset.files["val"].path, batch_size=256, resolution=resolution,
                              num_threads=torch.get_num_threads(), distributed=False)
     logits, labels = [], []
     for images, batch_labels in loader:
@@ -173,61 +169,61 @@ def evaluate_members(logits: torch.Tensor, labels: torch.Tensor, rule: str) -> t
     return summary, curve
 
 
-def run_ensemble(params: Params, data_dir: Path, out_dir: Path) -> dict:
-    """The ensemble stage: returns the metrics it also writes to out_dir/metrics.json."""
-    data = DataFiles.find(data_dir)
-    uri = tracking.tracking_uri(params.mlflow, os.environ)
-    client = MlflowClient(uri)
-    experiment = tracking.experiment_id(client, params.mlflow.experiment, uri)
+def run_ensemble(params: Params, data: Location, out: Location) -> dict:
+    """The ensemble stage: returns the metrics it also writes to out/metrics.json."""
+    dataset = Dataset.read(data.local_path())
+    runs = run_store(params)
+    store = tracking.open_store(params.mlflow)
     # Before the MLflow run and its SIGTERM handler: ray.init installs a SIGTERM handler of its own.
-    connect_ray(params.ray)
-    members = plan_members(params, data, uri)
+    cluster.connect(params.ray)
+    members = plan_members(params, dataset)
     digest = hashlib.sha256(json.dumps([m.name for m in members] + [params.ensemble.combine]).encode())
-    name = f"ensemble-{params.ensemble.model}-{digest.hexdigest()[:10]}"
-    tags = {"model": params.ensemble.model, "dvc_stage": "ensemble", "device": device_name(params.ray)}
-    parent, _ = tracking.resume_or_create_run(client, experiment, name, tags, params.model_dump())
+    name = f"ensemble-{params.ensemble.model}-{digest.hexdigest()[:12]}"
+    tags = {"model": params.ensemble.model, "dvc_stage": "ensemble", "device": cluster.device_name(params.ray)}
+    parent = tracking.open_run(store, name, tags, params.model_dump(), reuse_finished=False)
 
-    with tracking.closed_with_true_status(client, parent):
-        train_members(members, params)
-        loaded = [load_member(member, params) for member in members]  # refuses before any averaging
-        logits, labels = member_logits([network for network, _ in loaded], data.val_beton, params.train.resolution)
+    with tracking.closed_with_true_status(store.client, parent.id):
+        train_members(members, runs, params)
+        results = [load_member(member, runs) for member in members]  # refuses before any averaging
+        networks = [load_model(member.job.spec, result) for member, result in zip(members, results)]
+        logits, labels = member_logits(networks, dataset, params.train.resolution)
         summary, curve = evaluate_members(logits, labels, params.ensemble.combine)
         summary = {"model": params.ensemble.model, **summary}
-        write_outputs(out_dir, members, summary, curve)
-        log_to_mlflow(client, uri, experiment, parent, members, loaded, summary, curve, params)
-    print_summary(summary, uri, experiment)
+        write_outputs(out, members, summary, curve)
+        log_to_mlflow(store, parent.id, members, results, networks, summary, curve, params)
+    print_summary(summary, store)
     return summary
 
 
-def write_outputs(out_dir: Path, members: list[Member], summary: dict, curve: list[dict]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+def write_outputs(out: Location, members: list[Member], summary: dict, curve: list[dict]) -> None:
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = ["members,top1_error,top5_error"] + [f"{p['members']},{p['top1_error']},{p['top5_error']}" for p in curve]
-    (out_dir / "error_curve.csv").write_text("\n".join(lines) + "\n")
+    (out / "error_curve.csv").write_text("\n".join(lines) + "\n")
     references = [
-        {"index": m.index, "seed": m.job.seed, "ray_run": m.name,
+        {"index": m.index, "seed": m.job.spec.seed, "run": m.name,
          "top1_error": summary["member_top1_error"][f"member_{m.index}"],
          "top5_error": summary["member_top5_error"][f"member_{m.index}"]}
         for m in members
     ]
-    (out_dir / "members.json").write_text(json.dumps(references, indent=2) + "\n")
+    (out / "members.json").write_text(json.dumps(references, indent=2) + "\n")
 
 
-def log_to_mlflow(client, uri, experiment, parent, members, loaded, summary, curve, params: Params) -> None:
+def log_to_mlflow(store: tracking.Store, parent: str, members: list[Member], results: list[RunResult],
+                  networks: list[torch.nn.Module], summary: dict, curve: list[dict], params: Params) -> None:
     """Nested member runs under the parent, the parent's metrics and plot, the best member registered."""
+    client = store.client
     # A previous attempt that died while logging may have left some member runs: replace them.
-    for stale in client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'"):
+    for stale in client.search_runs([store.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"):
         client.delete_run(stale.info.run_id)
     child_ids = []
-    for member, (_, history) in zip(members, loaded):
-        child = client.create_run(experiment, run_name=f"member-{member.index}", tags={
+    for member, result in zip(members, results):
+        child = client.create_run(store.experiment_id, run_name=f"member-{member.index}", tags={
             "mlflow.parentRunId": parent, tracking.RUN_NAME_TAG: member.name,
-            "model": member.job.model, "seed": str(member.job.seed), "dvc_stage": "ensemble",
+            "model": member.job.spec.model, "seed": str(member.job.spec.seed), "dvc_stage": "ensemble",
         }).info.run_id
-        tracking.log_params(client, child, {"seed": member.job.seed, "epochs": member.job.epochs,
-                                            "train": member.job.recipe.model_dump()})
-        for row in history:
-            tracking.log_metrics(client, child, {k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+        tracking.log_params(client, child, {"seed": member.job.spec.seed, "epochs": member.job.spec.epochs,
+                                            "train": member.job.spec.recipe.model_dump()})
+        tracking.log_history(client, child, result.history)
         client.set_terminated(child)
         child_ids.append(child)
 
@@ -238,8 +234,8 @@ def log_to_mlflow(client, uri, experiment, parent, members, loaded, summary, cur
                                               "curve_top5_error": point["top5_error"]}, step=point["members"])
     client.log_figure(parent, error_curve_figure(curve, summary), "error_vs_members.png")
 
-    best = members[best_member(summary)]
-    info = log_model(uri, child_ids[best.index], loaded[best.index][0], params.train.resolution)
+    best = best_member(summary)
+    info = log_model(store.uri, child_ids[best], networks[best], params.train.resolution)
     version = mlflow.register_model(info.model_uri, params.mlflow.registered_model)
     client.set_registered_model_alias(params.mlflow.registered_model, "best", version.version)
 
@@ -263,7 +259,7 @@ def error_curve_figure(curve: list[dict], summary: dict):
     return figure
 
 
-def print_summary(summary: dict, uri: str, experiment: str) -> None:
+def print_summary(summary: dict, store: tracking.Store) -> None:
     print(f"\nEnsemble of {summary['members']} x {summary['model']} ({summary['combine']} averaging)")
     print(f"{'':24}{'top-1 error':>14}{'top-5 error':>14}")
     for key, top1 in summary["member_top1_error"].items():
@@ -272,5 +268,5 @@ def print_summary(summary: dict, uri: str, experiment: str) -> None:
     print(f"{'members mean +- std':24}{mean_std('member_top1_error'):>15}{mean_std('member_top5_error'):>15}")
     print(f"{'ensemble':24}{summary['ensemble_top1_error']:>14.4f}{summary['ensemble_top5_error']:>14.4f}")
     print(f"{'gain over mean member':24}{summary['gain_top1']:>14.4f}{summary['gain_top5']:>14.4f}")
-    print(f"\nMLflow: mlflow ui --backend-store-uri {uri}  then open "
-          f"http://127.0.0.1:5000/#/experiments/{experiment}/runs")
+    print(f"\nMLflow: mlflow ui --backend-store-uri {store.uri}  then open "
+          f"http://127.0.0.1:5000/#/experiments/{store.experiment_id}/runs")

@@ -1,42 +1,213 @@
-"""MLflow bookkeeping: where the store is, and runs whose final status tells the truth.
+"""MLflow bookkeeping: which store, an experiment made once however many stages start at once, runs
+found again by their run name, and final statuses that tell the truth.
 
-SQLite, the embedded default store, takes one writer at a time, so the project keeps to one writer
-per moment: the driver before and after training, rank 0 of a single training run while it trains,
-and the ensemble driver alone for the member runs (see pipeline/ensemble.py).
+The store is mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else the SQLite file mlflow.db in the
+project's home (pipeline/locations.py), by absolute path, with artifacts in the home's mlartifacts/.
+SQLite takes one writer at a time, so one process writes at a time: the driver before and after
+training, rank 0 of a training run while it trains, the ensemble driver for its members. With several
+Ray nodes the store must be a tracking server (pipeline/cluster.py refuses a file store then).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sqlite3
 import subprocess
 import threading
-from collections.abc import Iterator, Mapping
-from typing import Any
+import urllib.request
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
+import filelock
+from requests.exceptions import RequestException
+from sqlalchemy.exc import SQLAlchemyError
 import mlflow
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PROJECT_ROOT, MlflowParams
+from pipeline.errors import InputError
+from pipeline.locations import HOME_VARIABLE, project_home
 
-RUN_NAME_TAG = "ray_run_name"
+RUN_NAME_TAG = "run_name"
+# The metric whose logged steps say which epochs a run has in the store.
+EPOCH_METRIC = "val_top1_error"
+FILE_STORE_SCHEMES = ("sqlite", "file")
+STORE_LOCK_TIMEOUT_S = 120
+HEALTH_TIMEOUT_S = 10
+# Columns of MLflow 3's SQL schema that hold artifact locations (read off a store with a logged and
+# registered model): they are rewritten when the project folder has moved.
+ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                    ("logged_models", "artifact_location"), ("model_versions", "storage_location"))
+
+RunState = Literal["new", "unfinished", "finished"]
 
 
-def tracking_uri(params: MlflowParams, environ: Mapping[str, str]) -> str:
-    """params, else $MLFLOW_TRACKING_URI, else the project's SQLite file by absolute path, because DVC
-    experiments and Ray jobs run from other folders and a relative sqlite:/// would follow them."""
-    return params.tracking_uri or environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+class TrackingStoreError(InputError):
+    """The MLflow store cannot be reached or written; the message names it and the setting to change."""
 
 
-def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
-    """Created before any worker starts, so workers never race to create it."""
+@dataclass(frozen=True)
+class Store:
+    uri: str
+    client: MlflowClient
+    experiment_id: str
+
+    @property
+    def is_file_store(self) -> bool:
+        return is_file_store(self.uri)
+
+
+@dataclass(frozen=True)
+class Run:
+    id: str
+    state: RunState
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Where a training run's rank 0 logs its epochs and system metrics while it trains."""
+
+    uri: str
+    run_id: str
+    system_metrics: bool
+
+
+def is_file_store(uri: str) -> bool:
+    return uri.split(":", 1)[0] in FILE_STORE_SCHEMES or "://" not in uri
+
+
+def tracking_uri(params: MlflowParams, environ: Mapping[str, str] = os.environ,
+                 code_root: Path = PROJECT_ROOT) -> str:
+    uri = params.tracking_uri or environ.get("MLFLOW_TRACKING_URI")
+    if uri is None or (uri.startswith("sqlite:///") and not uri.startswith("sqlite:////")):
+        home = project_home(environ, code_root)
+        if home is None:
+            raise TrackingStoreError(
+                "mlflow.tracking_uri: no store is set and this stage runs in the copy of the project that "
+                "`ray job submit --working-dir` made, which Ray deletes: set mlflow.tracking_uri or "
+                f"MLFLOW_TRACKING_URI (a tracking server), or {HOME_VARIABLE} to the project folder"
+            )
+        relative = "mlflow.db" if uri is None else uri.removeprefix("sqlite:///")
+        return f"sqlite:///{home / relative}"
+    return uri
+
+
+def open_store(params: MlflowParams, environ: Mapping[str, str] = os.environ, code_root: Path = PROJECT_ROOT) -> Store:
+    """The store with the experiment ready, before any worker starts. Stages starting at once against
+    a new SQLite file take turns (a lock file beside it): MLflow's schema set-up and experiment
+    creation are not safe to race. A server makes the experiment once and the loser reads it back."""
+    uri = tracking_uri(params, environ, code_root)
+    with _translated_errors(uri):
+        _check_server(uri)
+        with _store_lock(uri):
+            client = MlflowClient(uri)  # builds the store, which sets up a new SQLite file's schema
+            artifacts = _default_artifacts(uri, environ, code_root)
+            experiment = _experiment_id(client, params.experiment, artifacts)
+            if artifacts is not None:
+                _relocate_artifacts(uri, client.get_experiment(experiment).artifact_location, artifacts)
+        return Store(uri, client, experiment)
+
+
+def _default_artifacts(uri: str, environ: Mapping[str, str], code_root: Path) -> str | None:
+    """The home's mlartifacts/ for the home's own SQLite store (MLflow would pick the current folder)."""
+    home = project_home(environ, code_root)
+    if home is not None and uri == f"sqlite:///{home / 'mlflow.db'}":
+        return (home / "mlartifacts").as_uri()
+    return None
+
+
+def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment:
         return experiment.experiment_id
-    # With the SQLite store MLflow would put artifacts under the current folder; pin them to the project.
-    artifacts = (PROJECT_ROOT / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
-    return client.create_experiment(name, artifact_location=artifacts)
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _relocate_artifacts(uri: str, current: str, wanted: str) -> None:
+    """A project moved or copied with its mlflow.db still points its artifacts at the old folder, where
+    new models would land (or fail to): rewrite those locations to the home's mlartifacts/."""
+    if current == wanted or not current.startswith("file://"):
+        return
+    with contextlib.closing(sqlite3.connect(uri.removeprefix("sqlite:///"))) as database, database:
+        for table, column in ARTIFACT_COLUMNS:
+            database.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE substr({column}, 1, ?) = ?",
+                             (wanted, len(current) + 1, len(current), current))
+    print(f"MLflow: the project moved; artifact locations {current} -> {wanted}")
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(f"{database}.lock", timeout=STORE_LOCK_TIMEOUT_S):
+        yield
+
+
+def _check_server(uri: str) -> None:
+    """A server that is down would be retried by MLflow for minutes; one probe says it at once."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S) as response:
+            response.read()
+    except OSError as error:
+        raise TrackingStoreError(f"MLflow tracking server {uri}: not reachable ({error}); start it, or set "
+                                 "mlflow.tracking_uri / MLFLOW_TRACKING_URI to one that runs") from None
+
+
+@contextlib.contextmanager
+def _translated_errors(uri: str) -> Iterator[None]:
+    try:
+        yield
+    except TrackingStoreError:
+        raise
+    # MLflow, SQLAlchemy, sqlite3 and requests each report an unusable store in their own way.
+    except (MlflowException, OSError, filelock.Timeout, sqlite3.Error, SQLAlchemyError, RequestException) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TrackingStoreError(f"MLflow store {uri}: cannot be written ({reason}); set mlflow.tracking_uri "
+                                 "or MLFLOW_TRACKING_URI to a store this machine can write") from error
+
+
+def find_run(store: Store, run_name: str) -> Run | None:
+    """The newest MLflow run of this training, if the store has one."""
+    runs = store.client.search_runs([store.experiment_id], filter_string=f"tags.{RUN_NAME_TAG} = '{run_name}'",
+                                    order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None
+    finished = runs[0].info.status == RunStatus.to_string(RunStatus.FINISHED)
+    return Run(runs[0].info.run_id, "finished" if finished else "unfinished")
+
+
+def open_run(store: Store, run_name: str, tags: Mapping[str, str], params: Mapping[str, Any], *,
+             reuse_finished: bool) -> Run:
+    """The store's run for this training. An unfinished one (a SIGKILL leaves RUNNING, a failure or
+    Ctrl-C FAILED or KILLED) is continued; a finished one is returned as it is when `reuse_finished`
+    (the run store still has its result), else the training starts again in a new run with tags and params."""
+    with _translated_errors(store.uri):
+        found = find_run(store, run_name)
+        if found and found.state == "unfinished":
+            store.client.update_run(found.id, status=RunStatus.to_string(RunStatus.RUNNING))
+            return found
+        if found and reuse_finished:
+            return found
+        tags = {RUN_NAME_TAG: run_name, "git_commit": git_commit(), **tags}
+        run_id = store.client.create_run(store.experiment_id, run_name=run_name, tags=tags).info.run_id
+        log_params(store.client, run_id, params)
+        return Run(run_id, "new")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -55,37 +226,31 @@ def git_commit() -> str:
     return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
-def unfinished_run(client: MlflowClient, experiment: str, ray_run_name: str) -> str | None:
-    """The run a previous attempt at the same training left unfinished (SIGKILL leaves RUNNING;
-    a failure or Ctrl-C leaves FAILED or KILLED): the attempt that resumes its checkpoint continues it."""
-    runs = client.search_runs(
-        [experiment],
-        filter_string=f"tags.{RUN_NAME_TAG} = '{ray_run_name}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if runs and runs[0].info.status != RunStatus.to_string(RunStatus.FINISHED):
-        return runs[0].info.run_id
-    return None
-
-
-def resume_or_create_run(
-    client: MlflowClient, experiment: str, ray_run_name: str, tags: Mapping[str, str], params: Mapping[str, Any]
-) -> tuple[str, bool]:
-    """(run id, whether it resumes an unfinished run). A new run gets the tags and the flattened params."""
-    run_id = unfinished_run(client, experiment, ray_run_name)
-    if run_id:
-        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-        return run_id, True
-    tags = {RUN_NAME_TAG: ray_run_name, "git_commit": git_commit(), **tags}
-    run_id = client.create_run(experiment, run_name=ray_run_name, tags=tags).info.run_id
-    log_params(client, run_id, params)
-    return run_id, False
-
-
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
     flat = flatten(params)
     client.log_batch(run_id, params=[mlflow.entities.Param(key, str(value)) for key, value in flat.items()])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    """One round trip for all of an epoch's metrics (the SQLite store is locked once, not per metric)."""
+    timestamp = mlflow.utils.time.get_current_time_millis()
+    client.log_batch(
+        run_id,
+        metrics=[mlflow.entities.Metric(key, float(value), timestamp, step) for key, value in metrics.items()],
+    )
+
+
+def logged_epochs(client: MlflowClient, run_id: str) -> set[int]:
+    return {metric.step for metric in client.get_metric_history(run_id, EPOCH_METRIC)}
+
+
+def log_history(client: MlflowClient, run_id: str, history: Iterable[Mapping[str, float]]) -> None:
+    """The epochs of `history` the run does not have yet, one step each: a run resumed from its
+    checkpoints into a new or other store starts with the epochs already done, none twice."""
+    have = logged_epochs(client, run_id)
+    for row in history:
+        if row["epoch"] not in have:
+            log_metrics(client, run_id, {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
 
 class Terminated(KeyboardInterrupt):
@@ -117,12 +282,3 @@ def closed_with_true_status(client: MlflowClient, run_id: str) -> Iterator[None]
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
-
-
-def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-    """One round trip for all of an epoch's metrics (the SQLite store is locked once, not per metric)."""
-    timestamp = mlflow.utils.time.get_current_time_millis()
-    client.log_batch(
-        run_id,
-        metrics=[mlflow.entities.Metric(key, float(value), timestamp, step) for key, value in metrics.items()],
-    )

@@ -7,7 +7,6 @@ checkpoint / report per epoch. Everything it needs arrives in one picklable `Tra
 from __future__ import annotations
 
 import dataclasses
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -20,43 +19,29 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import models
 from pipeline.config import TrainRecipe
 from pipeline.loaders import make_train_loader, make_val_loader
-from pipeline.tracking import log_metrics
+from pipeline.runs import RunSpec
+from pipeline.tracking import TrackingTarget, log_history
 
 CHECKPOINT_FILE = "state.pt"
-HISTORY_FILE = "history.json"
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainJob:
-    """One training run: which model, on which data, with which recipe, logged where."""
+    """One training run as its workers see it: what to train (the spec), where the data is, and where
+    rank 0 logs while it trains (None: nobody does; ensemble members are logged by their driver)."""
 
-    model: str
-    num_classes: int
-    recipe: TrainRecipe
-    epochs: int
-    seed: int
-    num_workers: int
+    spec: RunSpec
     train_beton: str
     val_beton: str
     threads_per_worker: int
-    # None: this run does not write to MLflow while it trains (ensemble members; see tracking.py).
-    mlflow_run_id: str | None
-    tracking_uri: str
-    log_system_metrics: bool
-
-    def build_model(self) -> nn.Module:
-        options = {}
-        if self.model == "alexnet2012":
-            options = {"groups": self.recipe.alexnet_groups, "init": self.recipe.alexnet_init}
-        return models.build(self.model, self.num_classes, dropout=self.recipe.dropout, **options)
+    tracking: TrackingTarget | None
 
 
 def train_worker(loop_config: dict) -> None:
     job: TrainJob = loop_config["job"]
-    recipe = job.recipe
+    spec, recipe = job.spec, job.spec.recipe
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -67,15 +52,15 @@ def train_worker(loop_config: dict) -> None:
     channels_last = on_gpu and recipe.channels_last
     torch.set_num_threads(job.threads_per_worker)
 
-    torch.manual_seed(job.seed)  # identical initial weights on every rank before DDP broadcasts
-    model = job.build_model()
+    torch.manual_seed(spec.seed)  # identical initial weights on every rank before DDP broadcasts
+    model = spec.build_model()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
     )
-    scheduler = make_scheduler(optimizer, recipe, job.epochs)
+    scheduler = make_scheduler(optimizer, recipe, spec.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
 
@@ -83,7 +68,7 @@ def train_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=device, weights_only=False)
+            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=device, weights_only=True)
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -101,15 +86,18 @@ def train_worker(loop_config: dict) -> None:
     )
     # The loader's shuffle is seeded by seed + epoch, so a resumed run replays the same order.
     train_loader = make_train_loader(
-        Path(job.train_beton), batch_size=per_worker_batch, seed=job.seed, start_epoch=start_epoch,
+        Path(job.train_beton), batch_size=per_worker_batch, seed=spec.seed, start_epoch=start_epoch,
         crop_min_scale=recipe.crop_min_scale, pca_lighting_std=recipe.pca_lighting_std, **loader_options,
     )
     val_loader = make_val_loader(Path(job.val_beton), batch_size=per_worker_batch, **loader_options)
-    mlflow_client, system_metrics = _rank0_mlflow(job, rank)
+    mlflow_client, system_metrics = _rank0_mlflow(job.tracking, rank)
+    if mlflow_client:
+        # A run resumed into a new or other MLflow store starts with the epochs its checkpoint has done.
+        log_history(mlflow_client, job.tracking.run_id, history)
 
-    for epoch in range(start_epoch, job.epochs):
+    for epoch in range(start_epoch, spec.epochs):
         # Reseeding per epoch makes dropout replayable after a resume without saving RNG state.
-        torch.manual_seed(job.seed * 10_000 + epoch * world + rank)
+        torch.manual_seed(spec.seed * 10_000 + epoch * world + rank)
         model.train()
         epoch_start = time.perf_counter()
         data_wait = 0.0
@@ -151,10 +139,11 @@ def train_worker(loop_config: dict) -> None:
         history.append({"epoch": epoch, **metrics})
         _report(epoch, metrics, history, model, optimizer, scheduler, scaler, rank)
         if rank == 0:
-            print(f"[{job.model}] epoch {epoch + 1}/{job.epochs} " + " ".join(
+            print(f"[{spec.model}] epoch {epoch + 1}/{spec.epochs} " + " ".join(
                 f"{key}={value:.4g}" for key, value in metrics.items()), flush=True)
             if mlflow_client:
-                log_metrics(mlflow_client, job.mlflow_run_id, metrics, step=epoch)
+                # Skips an epoch the store has: one logged just before a failure and then trained again.
+                log_history(mlflow_client, job.tracking.run_id, history[-1:])
     if system_metrics:
         system_metrics.finish()
 
@@ -201,7 +190,6 @@ def _report(epoch, metrics, history, model, optimizer, scheduler, scaler, rank) 
                 "history": history,
             }
             torch.save(state, Path(directory) / CHECKPOINT_FILE)
-            (Path(directory) / HISTORY_FILE).write_text(json.dumps(history, indent=1))
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report({"epoch": epoch, **metrics}, checkpoint=checkpoint)
 
@@ -214,17 +202,17 @@ def _sum_over_workers(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def _rank0_mlflow(job: TrainJob, rank: int) -> tuple[mlflow.MlflowClient | None, SystemMetricsMonitor | None]:
+def _rank0_mlflow(target: TrackingTarget | None, rank: int) -> tuple[mlflow.MlflowClient | None, SystemMetricsMonitor | None]:
     """Rank 0 logs the epochs and samples system metrics, so the store has one writer while training.
     The run's status stays the driver's business: nothing here ends the run."""
-    if rank != 0 or job.mlflow_run_id is None:
+    if rank != 0 or target is None:
         return None, None
-    mlflow.set_tracking_uri(job.tracking_uri)
+    mlflow.set_tracking_uri(target.uri)
     monitor = None
-    if job.log_system_metrics:
-        monitor = SystemMetricsMonitor(job.mlflow_run_id)
+    if target.system_metrics:
+        monitor = SystemMetricsMonitor(target.run_id)
         monitor.start()
-    return mlflow.MlflowClient(job.tracking_uri), monitor
+    return mlflow.MlflowClient(target.uri), monitor
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

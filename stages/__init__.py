@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Callable
 
 from pipeline.errors import InputError
+
+# Checked before any stage imports them: DVC runs stage commands with whatever `python` is first on
+# the PATH, and `.venv/bin/dvc ...` alone does not put the venv's python there.
+PROJECT_PACKAGES = ("torch", "ffcv", "ray", "mlflow", "pydantic", "yaml")
+
+
+def require_project_environment() -> None:
+    missing = [name for name in PROJECT_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"error: {sys.executable} lacks the project's packages ({', '.join(missing)}); activate the "
+              "project's environment first: source .venv/bin/activate (`make setup` creates it)", file=sys.stderr)
+        sys.exit(2)
+
+
+require_project_environment()
 
 
 def run_stage(stage: Callable[[], object]) -> int:

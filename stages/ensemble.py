@@ -8,16 +8,18 @@ from pathlib import Path
 
 from pipeline.config import load_params
 from pipeline.ensemble import run_ensemble
+from pipeline.locations import command_line_location
 from stages import run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--data", type=Path, default=Path("data/beton"), help="folder with train.beton and val.beton")
-    parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json, error_curve.csv, members.json")
+    parser.add_argument("--data", default="data/beton", help="folder with dataset.json, train.beton and val.beton")
+    parser.add_argument("--out", required=True, help="folder or URI for metrics.json, error_curve.csv, members.json")
     args = parser.parse_args(argv)
-    return run_stage(lambda: run_ensemble(load_params(args.params), args.data, args.out))
+    return run_stage(lambda: run_ensemble(load_params(args.params), command_line_location(args.data, "--data"),
+                                          command_line_location(args.out, "--out")))
 
 
 if __name__ == "__main__":

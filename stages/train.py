@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ParamsError, load_params
+from pipeline.locations import command_line_location
 from pipeline.training import train_model
 from stages import run_stage
 
@@ -15,15 +16,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--model", required=True, help="one of params.yaml's train.models")
-    parser.add_argument("--data", type=Path, default=Path("data/beton"), help="folder with train.beton and val.beton")
-    parser.add_argument("--out", type=Path, required=True, help="folder for model.pt, metrics.json, history.csv")
+    parser.add_argument("--data", default="data/beton", help="folder with dataset.json, train.beton and val.beton")
+    parser.add_argument("--out", required=True, help="folder or URI for model.pt, metrics.json, history.csv")
     args = parser.parse_args(argv)
 
     def stage() -> None:
         params = load_params(args.params)
         if args.model not in params.train.models:
             raise ParamsError(f"--model {args.model!r} is not in train.models {params.train.models}")
-        train_model(params, args.model, args.data, args.out)
+        data = command_line_location(args.data, "--data")
+        out = command_line_location(args.out, "--out")
+        train_model(params, args.model, data, out)
 
     return run_stage(stage)
 

@@ -37,11 +37,11 @@ def write_params(folder: Path, overrides: dict) -> tuple[Path, Params]:
     return path, load_params(path)
 
 
-def training_overrides(folder: Path, **train: object) -> dict:
-    """A small, fast training setting whose Ray storage and MLflow store live in `folder`."""
+def training_overrides(folder: Path, ray: dict | None = None, **train: object) -> dict:
+    """A small, fast training setting whose run store and MLflow store live in `folder`."""
     return {
         "train": {"models": ["alexnet2012"], "epochs": 3, "batch_size": 32, "resolution": TEST_RESOLUTION, **train},
-        "ray": {"storage_path": str(folder / "ray_results")},
+        "ray": {"storage_path": str(folder / "ray_results"), **(ray or {})},
         "mlflow": {"tracking_uri": f"sqlite:///{folder / 'mlflow.db'}", "experiment": "tests"},
     }
 
@@ -104,12 +104,13 @@ def trained_run(tmp_path_factory, ray_cluster, digits_tree):
     """One real training run (alexnet2012, 3 epochs, 2 Ray workers) shared by the tests that inspect it.
     It trains on all the digits: on the 300-image subset, 27 steps are too few for a dependable
     better-than-chance result."""
+    from pipeline.storage import Location
     from pipeline.training import train_model
 
     betons = preprocess(digits_tree, digits_tree / "params.yaml")
     folder = tmp_path_factory.mktemp("trained")
     _, params = write_params(folder, training_overrides(folder))
-    metrics = train_model(params, "alexnet2012", betons, folder / "out")
+    metrics = train_model(params, "alexnet2012", Location.local(betons), Location.local(folder / "out"))
     return {"params": params, "folder": folder, "metrics": metrics, "out": folder / "out"}
 
 

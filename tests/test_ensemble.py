@@ -12,16 +12,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PROJECT_ROOT
-from pipeline.ensemble import (
-    DONE_MARKER,
-    MEMBER_WEIGHTS,
-    EnsembleError,
-    best_member,
-    load_member,
-    plan_members,
-    run_ensemble,
-)
-from pipeline.training import DataFiles, storage_root
+from pipeline.dataset import Dataset
+from pipeline.ensemble import EnsembleError, best_member, load_member, member_seeds, plan_members, run_ensemble
+from pipeline.runs import RESULT_MARKER, RESULT_WEIGHTS
+from pipeline.storage import Location
+from pipeline.training import run_store
 from tests.conftest import training_overrides, without_ray_address, write_params
 from tests.test_training import end_tree, wait_for
 
@@ -38,27 +33,28 @@ def ensemble_overrides(folder, **ensemble):
 def ensemble_run(tmp_path_factory, ray_cluster, digits_betons):
     folder = tmp_path_factory.mktemp("ensemble")
     _, params = write_params(folder, ensemble_overrides(folder))
-    summary = run_ensemble(params, digits_betons, folder / "out")
+    summary = run_ensemble(params, Location.local(digits_betons), Location.local(folder / "out"))
     yield {"folder": folder, "params": params, "summary": summary}
     shutil.rmtree(folder)  # ~1 GB of weights that no later module reads
 
 
-def done_markers(params, data) -> list[dict]:
-    members = plan_members(params, DataFiles.find(data), params.mlflow.tracking_uri)
-    return [json.loads((storage_root(params.ray) / m.name / DONE_MARKER).read_text()) for m in members]
+def result_markers(params, data) -> list[dict]:
+    members = plan_members(params, Dataset.read(data))
+    return [run_store(params).record(m.name).marker() for m in members]
 
 
 def test_members_train_two_at_a_time(ensemble_run, digits_betons):
-    spans = [(m["started_at"], m["finished_at"]) for m in done_markers(ensemble_run["params"], digits_betons)]
+    spans = [(m["summary"]["started_at"], m["summary"]["finished_at"])
+             for m in result_markers(ensemble_run["params"], digits_betons)]
     most_at_once = max(sum(start <= t < end for start, end in spans) for t, _ in spans)
     assert most_at_once == 2
 
 
 def test_finished_members_keep_only_their_weights(ensemble_run):
-    run_dirs = sorted((ensemble_run["folder"] / "ray_results").glob(f"*/{DONE_MARKER}"))
+    run_dirs = sorted((ensemble_run["folder"] / "ray_results").glob(f"*/{RESULT_MARKER}"))
     assert len(run_dirs) == MEMBERS
     for marker in run_dirs:
-        assert sorted(path.name for path in marker.parent.glob("*.pt")) == [MEMBER_WEIGHTS]
+        assert sorted(path.name for path in marker.parent.glob("*.pt")) == [RESULT_WEIGHTS]
         assert not list(marker.parent.glob("checkpoint*")), "a finished member's checkpoints take GBs at VGG sizes"
 
 
@@ -77,7 +73,7 @@ def test_outputs_and_curve(ensemble_run):
     assert summary["member_top1_error_mean"] == pytest.approx(sum(member_errors) / MEMBERS)
     assert summary["gain_top1"] == pytest.approx(summary["member_top1_error_mean"] - summary["ensemble_top1_error"])
     references = json.loads((out / "members.json").read_text())
-    assert [ref["seed"] for ref in references] == [100, 101, 102]
+    assert [ref["seed"] for ref in references] == member_seeds(100, MEMBERS)
 
 
 def test_mlflow_parent_with_nested_members(ensemble_run):
@@ -91,14 +87,15 @@ def test_mlflow_parent_with_nested_members(ensemble_run):
     assert parent.data.metrics["ensemble_top1_error"] == ensemble_run["summary"]["ensemble_top1_error"]
     assert "error_vs_members.png" in [f.path for f in client.list_artifacts(parent.info.run_id)]
     children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(child.data.tags["seed"] for child in children) == ["100", "101", "102"]
+    seeds = member_seeds(100, MEMBERS)
+    assert sorted(int(child.data.tags["seed"]) for child in children) == sorted(seeds)
     for child in children:
         assert child.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val_top1_error")] == [0]
     best = client.get_model_version_by_alias(params.mlflow.registered_model, "best")
     registered = next(child for child in children if child.info.run_id == best.run_id)
     errors = ensemble_run["summary"]["member_top1_error"]
-    assert errors[f"member_{int(registered.data.tags['seed']) - 100}"] == min(errors.values())
+    assert errors[f"member_{seeds.index(int(registered.data.tags['seed']))}"] == min(errors.values())
 
 
 def test_best_member_breaks_ties_on_top5_then_order():
@@ -109,19 +106,29 @@ def test_best_member_breaks_ties_on_top5_then_order():
     assert best_member(summary) == 1
 
 
+def test_member_seeds_are_independent_of_the_member_count():
+    seeds = member_seeds(100, 9)
+    assert seeds[:7] == member_seeds(100, 7), "raising ensemble.members must keep the members trained"
+    assert len(set(seeds)) == 9 and all(0 <= seed < 2**31 for seed in seeds)
+    # Not consecutive: member i+1's shuffle in epoch e would be member i's in epoch e+1 (FFCV: seed + epoch).
+    assert all(abs(a - b) > 1000 for a, b in zip(seeds, seeds[1:]))
+    assert member_seeds(101, 3) != member_seeds(100, 3)
+
+
 def test_refuses_missing_or_unreadable_members(ensemble_run, digits_betons, tmp_path):
     shutil.copytree(ensemble_run["folder"] / "ray_results", tmp_path / "ray_results")
     _, params = write_params(tmp_path, ensemble_overrides(tmp_path))
-    members = plan_members(params, DataFiles.find(digits_betons), params.mlflow.tracking_uri)
+    members = plan_members(params, Dataset.read(digits_betons))
+    runs = run_store(params)
     for member in members:
-        load_member(member, params)  # the copy loads as it is
+        load_member(member, runs)  # the copy loads as it is
 
-    (storage_root(params.ray) / members[1].name / DONE_MARKER).unlink()
-    with pytest.raises(EnsembleError, match=r"member 1 \(seed 101, run .*\) did not finish training"):
-        load_member(members[1], params)
-    (storage_root(params.ray) / members[2].name / MEMBER_WEIGHTS).write_bytes(b"truncated")
-    with pytest.raises(EnsembleError, match=r"member 2 \(seed 102, .*member.pt do not load"):
-        load_member(members[2], params)
+    (runs.record(members[1].name).folder / RESULT_MARKER).delete()
+    with pytest.raises(EnsembleError, match=r"member 1 \(seed \d+, run .*\) did not finish training"):
+        load_member(members[1], runs)
+    (runs.record(members[2].name).folder / RESULT_WEIGHTS).write_bytes(b"truncated")
+    with pytest.raises(EnsembleError, match=r"member 2 \(seed \d+, .*weights in .* do not load"):
+        load_member(members[2], runs)
 
 
 def test_interrupted_stage_reuses_finished_members(tmp_path, digits_betons):
@@ -129,7 +136,7 @@ def test_interrupted_stage_reuses_finished_members(tmp_path, digits_betons):
     params, loaded = write_params(tmp_path, ensemble_overrides(tmp_path, members=2, epochs=1, max_concurrent=1))
     command = [sys.executable, "-m", "stages.ensemble", "--params", str(params),
                "--data", str(tmp_path / "beton"), "--out", str(tmp_path / "out")]
-    markers = lambda: sorted((tmp_path / "ray_results").glob(f"*/{DONE_MARKER}"))  # noqa: E731
+    markers = lambda: sorted((tmp_path / "ray_results").glob(f"*/{RESULT_MARKER}"))  # noqa: E731
     first = subprocess.Popen(command, cwd=PROJECT_ROOT, start_new_session=True, env=without_ray_address(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -138,13 +145,13 @@ def test_interrupted_stage_reuses_finished_members(tmp_path, digits_betons):
         end_tree(first)
     finished = markers()
     assert len(finished) == 1
-    finished_at = finished[0].stat().st_mtime_ns
+    weights_written = (finished[0].parent / RESULT_WEIGHTS).stat().st_mtime_ns
 
     second = subprocess.run(command, cwd=PROJECT_ROOT, env=without_ray_address(), capture_output=True,
                             text=True, timeout=900)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "Reusing member 0" in second.stdout and "Training 1 members" in second.stdout
-    assert finished[0].stat().st_mtime_ns == finished_at, "the finished member was trained again"
+    assert (finished[0].parent / RESULT_WEIGHTS).stat().st_mtime_ns == weights_written, "the member was trained again"
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["members"] == 2
     client = MlflowClient(loaded.mlflow.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])

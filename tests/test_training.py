@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,8 +17,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
-from pipeline.config import PROJECT_ROOT
-from pipeline.training import TrainingInputError, train_model
+from pipeline.config import PROJECT_ROOT, MlflowParams, load_params
+from pipeline.image_tree import DataError
+from pipeline.runs import RAY_SNAPSHOT
+from pipeline.storage import Location
+from pipeline.training import train_model
 from tests.conftest import training_overrides, without_ray_address, write_params
 
 EPOCH_METRICS = ["train_loss", "train_top1_error", "val_top1_error", "val_top5_error", "lr",
@@ -44,6 +48,11 @@ def wait_for(condition, timeout: float, what: str) -> None:
 
 def checkpoints(folder: Path) -> list[Path]:
     return sorted((folder / "ray_results").glob("*/checkpoint_*"))
+
+
+def registered_checkpoint(folder: Path) -> bool:
+    """Ray Train has recorded a checkpoint in its snapshot: what a rerun resumes from."""
+    return bool(list((folder / "ray_results").glob(f"*/{RAY_SNAPSHOT}")))
 
 
 def train_workers(started_after: float) -> list[psutil.Process]:
@@ -90,7 +99,7 @@ def test_mlflow_holds_the_run(trained_run):
 
 
 def test_worker_killed_mid_epoch_is_restarted_and_resumes(tmp_path, ray_cluster, digits_betons):
-    _, params = write_params(tmp_path, training_overrides(tmp_path, max_failures=2))
+    _, params = write_params(tmp_path, training_overrides(tmp_path, ray={"max_failures": 2}))
     killed: dict = {}
     started = time.time()
 
@@ -105,7 +114,7 @@ def test_worker_killed_mid_epoch_is_restarted_and_resumes(tmp_path, ray_cluster,
 
     killer = threading.Thread(target=kill_a_worker_in_the_second_epoch)
     killer.start()
-    metrics = train_model(params, "alexnet2012", digits_betons, tmp_path / "out")
+    metrics = train_model(params, "alexnet2012", Location.local(digits_betons), Location.local(tmp_path / "out"))
     killer.join()
     assert len(killed["group"]) == 2
     assert not killed["victim"].is_running()
@@ -119,13 +128,14 @@ def test_worker_killed_mid_epoch_is_restarted_and_resumes(tmp_path, ray_cluster,
         assert steps(client, runs[0].info.run_id, metric) == [0, 1, 2], f"{metric} lost or repeated an epoch"
 
 
-def start_stage(params: Path, out: Path, log: Path) -> subprocess.Popen:
+def start_stage(params: Path, data: Path, out: Path, log: Path, home: Path | None = None) -> subprocess.Popen:
     # Its own session, so the test can end the whole tree (the stage's private Ray cluster too).
+    env = without_ray_address() | ({"PIPELINE_HOME": str(home)} if home else {})
+    env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.Popen(
         [sys.executable, "-m", "stages.train", "--params", str(params), "--model", "alexnet2012",
-         "--data", str(out.parent / "beton"), "--out", str(out)],
-        cwd=PROJECT_ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-        env=without_ray_address(),
+         "--data", str(data), "--out", str(out)],
+        cwd=PROJECT_ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env,
     )
 
 
@@ -137,90 +147,105 @@ def end_tree(process: subprocess.Popen) -> None:
     process.wait(timeout=60)
 
 
-@pytest.fixture
-def stage_folder(tmp_path, digits_betons) -> Path:
-    (tmp_path / "beton").symlink_to(digits_betons)
-    return tmp_path
-
-
-def test_killed_driver_resumes_at_the_next_epoch(stage_folder):
-    params, _ = write_params(stage_folder, training_overrides(stage_folder))
-    first = start_stage(params, stage_folder / "out", stage_folder / "first.log")
+def finish(process: subprocess.Popen, log: Path) -> str:
     try:
-        wait_for(lambda: len(checkpoints(stage_folder)) >= 1, 400, "the first epoch's checkpoint")
-        client, runs = mlflow_runs(stage_folder)
+        assert process.wait(timeout=600) == 0, log.read_text()
+    finally:
+        end_tree(process)
+    return log.read_text()
+
+
+def test_killed_driver_resumes_in_the_moved_project(tmp_path, digits_betons):
+    """A project with relative locations (ray_results/, the default mlflow.db) is killed after its first
+    epoch, moved, and run again from its new place: the run resumes at epoch 2 and continues its MLflow run."""
+    first = tmp_path / "first"
+    shutil.copytree(digits_betons, first / "data" / "beton")
+    overrides = training_overrides(first)
+    overrides["ray"]["storage_path"] = "ray_results"
+    overrides["mlflow"]["tracking_uri"] = None
+    params, _ = write_params(first, overrides)
+    stage = start_stage(params, first / "data" / "beton", first / "out", tmp_path / "first.log", home=first)
+    try:
+        wait_for(lambda: len(checkpoints(first)) >= 1, 400, "the first epoch's checkpoint")
+        client, runs = mlflow_runs(first)
         wait_for(lambda: steps(client, runs[0].info.run_id, "val_top1_error") == [0], 60, "epoch 0 in MLflow")
     finally:
-        end_tree(first)  # SIGKILL: no handler runs, the MLflow run stays RUNNING
-    assert mlflow_runs(stage_folder)[1][0].info.status == "RUNNING"
+        end_tree(stage)  # SIGKILL: no handler runs, the MLflow run stays RUNNING
+    assert mlflow_runs(first)[1][0].info.status == "RUNNING"
 
-    second = start_stage(params, stage_folder / "out", stage_folder / "second.log")
-    try:
-        assert second.wait(timeout=600) == 0, (stage_folder / "second.log").read_text()
-    finally:
-        end_tree(second)
-    log = (stage_folder / "second.log").read_text()
+    moved = tmp_path / "moved"
+    shutil.move(first, moved)
+    log = finish(start_stage(moved / "params.yaml", moved / "data" / "beton", moved / "out",
+                             tmp_path / "second.log", home=moved), tmp_path / "second.log")
     assert "Resuming alexnet2012-" in log
     assert "epoch 1/3" not in log and "epoch 2/3" in log and "epoch 3/3" in log
-    client, runs = mlflow_runs(stage_folder)
+    client, runs = mlflow_runs(moved)
     assert [run.info.status for run in runs] == ["FINISHED"], "the rerun must continue the same MLflow run"
     for metric in EPOCH_METRICS:
         assert steps(client, runs[0].info.run_id, metric) == [0, 1, 2], metric
-    assert [row["epoch"] for row in _history(stage_folder / "out")] == [0, 1, 2]
+    assert [row["epoch"] for row in _history(moved / "out")] == [0, 1, 2]
+    assert runs[0].info.artifact_uri.startswith((moved / "mlartifacts").as_uri())
+    assert list((moved / "mlartifacts").glob("**/MLmodel")), "the model lands in the moved project"
+    assert not checkpoints(moved) and not (tmp_path / "first").exists()
 
 
-def test_sigterm_marks_the_run_killed_and_changed_params_start_fresh(stage_folder):
-    params, _ = write_params(stage_folder, training_overrides(stage_folder))
-    stage = start_stage(params, stage_folder / "out", stage_folder / "stage.log")
+def test_sigterm_marks_the_run_killed_and_it_resumes_into_another_tracking_store(tmp_path, digits_betons):
+    params, _ = write_params(tmp_path, training_overrides(tmp_path))
+    stage = start_stage(params, digits_betons, tmp_path / "out", tmp_path / "stage.log")
     try:
-        wait_for(lambda: len(checkpoints(stage_folder)) >= 1, 400, "the first epoch's checkpoint")
+        wait_for(lambda: registered_checkpoint(tmp_path), 400, "the first epoch's checkpoint")
         stage.send_signal(signal.SIGTERM)
-        assert stage.wait(timeout=120) == 130, (stage_folder / "stage.log").read_text()
+        assert stage.wait(timeout=120) == 130, (tmp_path / "stage.log").read_text()
     finally:
         end_tree(stage)
-    _, runs = mlflow_runs(stage_folder)
+    _, runs = mlflow_runs(tmp_path)
     assert [run.info.status for run in runs] == ["KILLED"]
+    assert checkpoints(tmp_path), "an unfinished run keeps its checkpoints"
 
-    # A different lr is a different training: a new run from epoch 0, the KILLED one left as it was.
-    changed, _ = write_params(stage_folder, training_overrides(stage_folder, lr=0.005, epochs=1))
-    fresh = start_stage(changed, stage_folder / "out", stage_folder / "fresh.log")
-    try:
-        assert fresh.wait(timeout=600) == 0, (stage_folder / "fresh.log").read_text()
-    finally:
-        end_tree(fresh)
-    assert "Resuming" not in (stage_folder / "fresh.log").read_text()
-    _, runs = mlflow_runs(stage_folder)
-    assert [run.info.status for run in runs] == ["KILLED", "FINISHED"]
-    assert runs[1].data.params["train.lr"] == "0.005"
+    # Another store (a new tracking server, a renamed experiment): the checkpoints decide, the run
+    # resumes, and the new store's run starts with the epochs already done.
+    other = tmp_path / "other"
+    overrides = training_overrides(tmp_path)
+    overrides["mlflow"]["tracking_uri"] = f"sqlite:///{other / 'mlflow.db'}"
+    changed, _ = write_params(other, overrides)
+    log = finish(start_stage(changed, digits_betons, tmp_path / "out", tmp_path / "again.log"), tmp_path / "again.log")
+    assert "Resuming alexnet2012-" in log and "epoch 1/3" not in log
+    client, runs = mlflow_runs(other)
+    assert [run.info.status for run in runs] == ["FINISHED"]
+    for metric in EPOCH_METRICS:
+        assert steps(client, runs[0].info.run_id, metric) == [0, 1, 2], metric
+    assert [run.info.status for run in mlflow_runs(tmp_path)[1]] == ["KILLED"]
+    assert not checkpoints(tmp_path)
 
 
 def test_failure_marks_the_run_failed(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    experiment = tracking.experiment_id(client, "tests", uri)
-    run_id, resumed = tracking.resume_or_create_run(client, experiment, "failing", {}, {"a": {"b": 1}})
-    assert not resumed and client.get_run(run_id).data.params == {"a.b": "1"}
-    with pytest.raises(ZeroDivisionError), tracking.closed_with_true_status(client, run_id):
+    store = tracking.open_store(MlflowParams.model_validate(
+        load_params().mlflow.model_dump() | {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "t"}))
+    run = tracking.open_run(store, "failing", {}, {"a": {"b": 1}}, reuse_finished=True)
+    assert run.state == "new" and store.client.get_run(run.id).data.params == {"a.b": "1"}
+    with pytest.raises(ZeroDivisionError), tracking.closed_with_true_status(store.client, run.id):
         1 / 0
-    assert client.get_run(run_id).info.status == "FAILED"
+    assert store.client.get_run(run.id).info.status == "FAILED"
     # An unfinished run is continued by the next attempt at the same training, then finished.
-    again, resumed = tracking.resume_or_create_run(client, experiment, "failing", {}, {})
-    assert (again, resumed) == (run_id, True)
-    with tracking.closed_with_true_status(client, run_id):
+    assert tracking.open_run(store, "failing", {}, {}, reuse_finished=True) == tracking.Run(run.id, "unfinished")
+    with tracking.closed_with_true_status(store.client, run.id):
         pass
-    assert client.get_run(run_id).info.status == "FINISHED"
+    assert store.client.get_run(run.id).info.status == "FINISHED"
+    # A finished run is the run only while its result exists; otherwise the training starts a new one.
+    assert tracking.open_run(store, "failing", {}, {}, reuse_finished=True) == tracking.Run(run.id, "finished")
+    assert tracking.open_run(store, "failing", {}, {}, reuse_finished=False).id != run.id
 
 
 def test_bad_data_is_refused_before_ray_starts(tmp_path, digits_betons):
     _, params = write_params(tmp_path, training_overrides(tmp_path))
-    with pytest.raises(TrainingInputError, match=r"nowhere/train.beton: FFCV file not found"):
-        train_model(params, "alexnet2012", tmp_path / "nowhere", tmp_path / "out")
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "train.beton").write_bytes(b"not an ffcv file")
-    (broken / "val.beton").symlink_to(digits_betons / "val.beton")
-    with pytest.raises(TrainingInputError, match=r"broken/train.beton: not a readable FFCV file"):
-        train_model(params, "alexnet2012", broken, tmp_path / "out")
+    out = Location.local(tmp_path / "out")
+    with pytest.raises(DataError, match=r"nowhere/dataset.json: not found; run the preprocess stage"):
+        train_model(params, "alexnet2012", Location.local(tmp_path / "nowhere"), out)
+    changed = tmp_path / "changed"
+    shutil.copytree(digits_betons, changed)
+    (changed / "train.beton").write_bytes(b"not the file dataset.json describes")
+    with pytest.raises(DataError, match=r"changed/train.beton: \d+ bytes where .* records .*changed since"):
+        train_model(params, "alexnet2012", Location.local(changed), out)
     assert not (tmp_path / "mlflow.db").exists()
 
 

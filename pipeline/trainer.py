@@ -1,0 +1,42 @@
+"""One training run fitted with Ray Train, in its folder of the run store.
+
+Fitting a run name whose folder holds checkpoints resumes it: Ray Train V2 reads its snapshot there and
+hands the last checkpoint to the workers (pipeline/train_loop.py loads it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from pipeline.config import RayParams
+from pipeline.runs import RunResult, RunStore
+from pipeline.train_loop import CHECKPOINT_FILE, TrainJob, train_worker
+
+
+def fit(job: TrainJob, runs: RunStore, params: RayParams) -> RunResult:
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"job": job},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=job.spec.num_workers,
+            use_gpu=params.use_gpu,
+            resources_per_worker={"CPU": params.cpus_per_worker} | ({"GPU": 1} if params.use_gpu else {}),
+        ),
+        run_config=ray.train.RunConfig(
+            name=job.spec.name,
+            storage_path=runs.root.path,
+            storage_filesystem=runs.root.filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=params.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=params.checkpoints_to_keep),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training {job.spec.name} ended without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    return RunResult(state["model"], state["history"])

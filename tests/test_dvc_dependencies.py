@@ -1,0 +1,72 @@
+"""dvc.yaml against the code: each stage depends on every project module it imports and on exactly the
+params keys that shape its outputs (what names a training run, for the stages that train)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from typing import get_args
+
+import pytest
+import yaml
+
+import models
+from pipeline.config import PROJECT_ROOT, TrainRecipe, load_params
+from pipeline.runs import RunSpec
+
+DVC_YAML = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
+PROJECT_PACKAGES = ("pipeline", "models", "stages")
+LIST_IMPORTS = """
+import importlib, json, pathlib, sys
+importlib.import_module(sys.argv[1])
+root = pathlib.Path.cwd().resolve()
+paths = {pathlib.Path(m.__file__).resolve() for m in list(sys.modules.values()) if getattr(m, "__file__", None)}
+print(json.dumps(sorted(str(p.relative_to(root)) for p in paths
+                        if p.is_relative_to(root) and p.relative_to(root).parts[0] in %r)))
+""" % (PROJECT_PACKAGES,)
+
+
+def stage_definition(name: str) -> dict:
+    stage = DVC_YAML[name]
+    return stage["do"] if "foreach" in stage else stage
+
+
+@pytest.mark.parametrize("name", sorted(DVC_YAML))
+def test_each_stage_depends_on_every_project_module_it_imports(name):
+    stage = stage_definition(name)
+    module = stage["cmd"].split("python -m ", 1)[1].split()[0]
+    imported = subprocess.run([sys.executable, "-c", LIST_IMPORTS, module], cwd=PROJECT_ROOT, check=True,
+                              capture_output=True, text=True).stdout
+    declared = {dep for dep in stage["deps"] if dep.endswith(".py")}
+    assert declared == set(json.loads(imported)), f"dvc.yaml stage {name}: deps differ from what {module} imports"
+
+
+def keys_any_run_uses() -> set[str]:
+    """Every recipe key some run depends on, over every model, schedule and device."""
+    params = load_params()
+    schedules = get_args(TrainRecipe.model_fields["schedule"].annotation)
+    keys = set()
+    for model, schedule, use_gpu in itertools.product(models.names(), schedules, (False, True)):
+        spec = RunSpec(model=model, num_classes=10, recipe=params.train.model_copy(update={"schedule": schedule}),
+                       seed=0, epochs=1, num_workers=1, use_gpu=use_gpu, data_sha256={})
+        keys |= set(spec.recipe_keys())
+    return keys
+
+
+def test_training_stages_depend_on_exactly_what_names_a_run():
+    device_and_workers = {"ray.num_workers", "ray.use_gpu"}
+    recipe = {f"train.{key}" for key in keys_any_run_uses()}
+    assert set(stage_definition("train")["params"]) == recipe | {"train.epochs", "train.seed"} | device_and_workers
+    # Members have seeds and epochs of their own; max_concurrent says how many train at once, not what.
+    ensemble_keys = {f"ensemble.{key}" for key in load_params().ensemble.model_fields} - {"ensemble.max_concurrent"}
+    assert set(DVC_YAML["ensemble"]["params"]) == recipe | ensemble_keys | device_and_workers
+
+
+def test_no_stage_depends_on_tracking_or_fault_tolerance_settings():
+    for name in DVC_YAML:
+        params = stage_definition(name)["params"]
+        assert not [key for key in params if key.split(".")[0] == "mlflow" or key in {
+            "ray.max_failures", "ray.checkpoints_to_keep", "ray.storage_path", "ray.keep_finished_runs",
+            "train.models", "preprocess.num_workers"}], name

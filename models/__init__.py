@@ -1,4 +1,5 @@
-"""The model registry every stage builds from: build(name, num_classes), names(), min_resolution(name)."""
+"""The model registry every stage builds from: build(name, num_classes), names(), min_resolution(name) and
+recipe_keys(name)."""
 
 from __future__ import annotations
 
@@ -12,37 +13,71 @@ from models.convnet import ConvNet
 from models.vgg import VARIANTS as VGG_VARIANTS
 from models.vgg import vgg
 
-__all__ = ["ConvNet", "build", "min_resolution", "names"]
+__all__ = ["RECIPE_OPTIONS", "ConvNet", "build", "min_resolution", "names", "recipe_keys"]
 
-# Builders of the ungrouped models, called as builder(num_classes, dropout=...).
-_UNGROUPED_BUILDERS: dict[str, Callable[..., ConvNet]] = {
+# Each model's builder, called as builder(num_classes, **options) with the options of its recipe keys.
+_BUILDERS: dict[str, Callable[..., ConvNet]] = {
+    "alexnet2012": alexnet2012,
     "alexnet": alexnet,
     **{name: partial(vgg, name) for name in VGG_VARIANTS},
+}
+
+# The keys of the training recipe that can change how a model is built, and build's keyword for each.
+RECIPE_OPTIONS: dict[str, str] = {"dropout": "dropout", "alexnet_groups": "groups", "alexnet_init": "init"}
+
+_RECIPE_KEYS: dict[str, tuple[str, ...]] = {
+    "alexnet2012": ("dropout", "alexnet_groups", "alexnet_init"),
+    "alexnet": ("dropout",),
+    **{name: ("dropout",) for name in VGG_VARIANTS},
 }
 
 
 def names() -> list[str]:
     """The known model names, sorted."""
-    return sorted(["alexnet2012", *_UNGROUPED_BUILDERS])
+    return sorted(_BUILDERS)
 
 
-def build(name: str, num_classes: int, *, dropout: float = 0.5, groups: int = 1, init: str = "paper") -> ConvNet:
+def recipe_keys(name: str) -> tuple[str, ...]:
+    """The keys of the training recipe, out of RECIPE_OPTIONS, that change how model `name` is built.
+
+    A training run passes build exactly these (as RECIPE_OPTIONS' keywords) and is named by them only,
+    so runs of a model that differ only in a setting it ignores are one run.
+    """
+    _check_known(name)
+    return _RECIPE_KEYS[name]
+
+
+def build(
+    name: str,
+    num_classes: int,
+    *,
+    dropout: float | None = None,
+    groups: int | None = None,
+    init: str | None = None,
+) -> ConvNet:
     """A freshly initialised model `name` with `num_classes` outputs.
 
     dropout is the classifier's dropout probability. groups and init apply to alexnet2012 only:
     groups=2 is the paper's two-GPU split of conv2, conv4 and conv5; init is "paper" or "kaiming".
+    An option left at None takes the architecture's own default (dropout 0.5 for AlexNet and VGG;
+    groups 1; init "paper"). Giving an option the model is not built from raises ValueError naming
+    it, so no run records a setting that had no effect.
     """
-    if name not in names():
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}")
+    _check_known(name)
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-    if name == "alexnet2012":
-        return alexnet2012(num_classes, dropout=dropout, groups=groups, init=init)
-    if groups != 1:
-        raise ValueError(f"groups={groups} applies only to alexnet2012; {name} has no grouped convolutions")
-    if init != "paper":
-        raise ValueError(f"init={init!r} applies only to alexnet2012; {name} keeps torchvision's initialisation")
-    return _UNGROUPED_BUILDERS[name](num_classes, dropout=dropout)
+    given = {
+        option: value
+        for option, value in {"dropout": dropout, "groups": groups, "init": init}.items()
+        if value is not None
+    }
+    for option, value in given.items():
+        users = [model for model in names() if option in _build_options(model)]
+        if name not in users:
+            raise ValueError(
+                f"{option}={value!r} applies only to {', '.join(users)}; {name} has no such option"
+            )
+    return _BUILDERS[name](num_classes, **given)
 
 
 @cache
@@ -51,3 +86,12 @@ def min_resolution(name: str) -> int:
     # Built on the meta device: only the layer hyperparameters matter, so nothing is allocated or drawn.
     with torch.device("meta"):
         return build(name, num_classes=1).min_resolution
+
+
+def _build_options(name: str) -> set[str]:
+    return {RECIPE_OPTIONS[key] for key in _RECIPE_KEYS[name]}
+
+
+def _check_known(name: str) -> None:
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}")

@@ -68,7 +68,9 @@ class LayerTable:
         return sum(row.macs for row in self.rows)
 
 
-def layer_table(name: str, resolution: int, *, num_classes: int = 1000, groups: int = 1) -> LayerTable:
+def layer_table(
+    name: str, resolution: int, *, num_classes: int = 1000, groups: int | None = None
+) -> LayerTable:
     """The table of model `name` for square inputs of `resolution` pixels."""
     # The meta device gives the layers and parameter shapes without allocating or initialising weights.
     with torch.device("meta"):
@@ -200,9 +202,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--resolution", type=int, default=224, help="side of the square input in pixels (default 224)"
     )
     parser.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default 1000)")
-    parser.add_argument(
-        "--groups", type=int, default=1, help="alexnet2012 only: 2 for the paper's two-GPU split"
-    )
+    parser.add_argument("--groups", type=int, help="alexnet2012 only: 2 for the paper's two-GPU split")
     args = parser.parse_args(argv)
     try:
         table = layer_table(args.model, args.resolution, num_classes=args.num_classes, groups=args.groups)

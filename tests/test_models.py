@@ -40,6 +40,12 @@ MIN_RESOLUTIONS = {"alexnet2012": 67, "alexnet": 63} | {
 # ANCHORS.md's GFLOPs at 224, counted as MACs; batch norm folds into the convolutions and adds none.
 GIGA_MACS_AT_224 = {"alexnet": 0.714, "vgg11": 7.609, "vgg13": 11.308, "vgg16": 15.470, "vgg19": 19.632}
 
+RECIPE_KEYS = {"alexnet2012": ("dropout", "alexnet_groups", "alexnet_init")} | {
+    name: ("dropout",) for name in TORCHVISION_NAMES
+}
+# A value for each recipe key other than the architectures' defaults.
+RECIPE_VALUES = {"dropout": 0.1, "alexnet_groups": 2, "alexnet_init": "kaiming"}
+
 # One model per family, shared by the tests that only run small inputs through it.
 FAMILIES = ["alexnet2012", "alexnet", "vgg11"]
 SMALL_NUM_CLASSES = 7
@@ -48,6 +54,10 @@ SMALL_DROPOUT = 0.25
 
 def parameter_count(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
+
+
+def dropouts_by_module(model: nn.Module) -> dict[str, float]:
+    return {name: module.p for name, module in model.named_modules() if isinstance(module, nn.Dropout)}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -64,8 +74,12 @@ def test_names_are_sorted_and_complete() -> None:
 
 @pytest.mark.parametrize(
     "lookup",
-    [lambda: models.build("resnet50", 10), lambda: models.min_resolution("resnet50")],
-    ids=["build", "min_resolution"],
+    [
+        lambda: models.build("resnet50", 10),
+        lambda: models.min_resolution("resnet50"),
+        lambda: models.recipe_keys("resnet50"),
+    ],
+    ids=["build", "min_resolution", "recipe_keys"],
 )
 def test_unknown_name_lists_the_known_names(lookup: Callable[[], object]) -> None:
     with pytest.raises(ValueError, match="unknown model 'resnet50'") as error:
@@ -84,6 +98,28 @@ def test_groups_apply_to_alexnet2012_only() -> None:
 def test_num_classes_must_be_positive() -> None:
     with pytest.raises(ValueError, match="num_classes"):
         models.build("alexnet", 0)
+
+
+def test_recipe_keys() -> None:
+    assert {name: models.recipe_keys(name) for name in models.names()} == RECIPE_KEYS
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETERS_AT_1000_CLASSES))
+def test_build_takes_exactly_the_options_of_the_recipe_keys(name: str) -> None:
+    used = models.recipe_keys(name)
+    with torch.device("meta"):
+        models.build(name, 10, **{models.RECIPE_OPTIONS[key]: RECIPE_VALUES[key] for key in used})
+    for key in sorted(set(RECIPE_VALUES) - set(used)):
+        option, value = models.RECIPE_OPTIONS[key], RECIPE_VALUES[key]
+        message = rf"^{option}={value!r} applies only to .*; {name} has no such option"
+        with pytest.raises(ValueError, match=message):
+            models.build(name, 10, **{option: value})
+
+
+def test_unset_dropout_is_the_architectures_own() -> None:
+    with torch.device("meta"):
+        vgg = models.build("vgg11", 10)
+    assert list(dropouts_by_module(vgg).values()) == [0.5, 0.5]
 
 
 # --- parameter counts and initialisation -------------------------------------------------------

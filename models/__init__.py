@@ -10,10 +10,11 @@ import torch
 
 from models.alexnet import alexnet, alexnet2012
 from models.convnet import ConvNet
+from models.input_size import InputSizeChecked
 from models.vgg import VARIANTS as VGG_VARIANTS
 from models.vgg import vgg
 
-__all__ = ["RECIPE_OPTIONS", "ConvNet", "build", "min_resolution", "names", "recipe_keys"]
+__all__ = ["RECIPE_OPTIONS", "ConvNet", "InputSizeChecked", "build", "min_resolution", "names", "recipe_keys"]
 
 # Each model's builder, called as builder(num_classes, **options) with the options of its recipe keys.
 _BUILDERS: dict[str, Callable[..., ConvNet]] = {

@@ -1,4 +1,5 @@
-"""models/: parameter counts, torchvision compatibility, input-size limits and the layer table."""
+"""models/: parameter counts, torchvision compatibility, input-size limits, the registry's recipe API and
+the layer table."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ from collections.abc import Callable
 import pytest
 import torch
 import torchvision
-from torch import nn
+from torch import fx, nn
 
 import models
-from models.layer_table import LayerTable, layer_table, main
+from models.layer_table import LayerTable, layer_table, main, receptive_field_comparison
+from models.shapes import feature_maps, trace
 
-# ANCHORS.md for the torchvision models; alexnet2012 summed by hand from the paper's layer sizes.
+# torchvision's published counts (each model's ImageNet weights list them: e.g.
+# torchvision.models.VGG16_Weights.IMAGENET1K_V1.meta["num_params"]); alexnet2012 summed by hand from
+# the paper's layer sizes.
 PARAMETERS_AT_1000_CLASSES = {
     "alexnet2012": 62_378_344,
     "alexnet": 61_100_840,
@@ -37,7 +41,8 @@ MIN_RESOLUTIONS = {"alexnet2012": 67, "alexnet": 63} | {
     name: 32 for name in PARAMETERS_AT_1000_CLASSES if name.startswith("vgg")
 }
 
-# ANCHORS.md's GFLOPs at 224, counted as MACs; batch norm folds into the convolutions and adds none.
+# torchvision's published GFLOPs at 224 (its weights' meta["_ops"]), counted as MACs; batch norm folds
+# into the convolutions and adds none.
 GIGA_MACS_AT_224 = {"alexnet": 0.714, "vgg11": 7.609, "vgg13": 11.308, "vgg16": 15.470, "vgg19": 19.632}
 
 RECIPE_KEYS = {"alexnet2012": ("dropout", "alexnet_groups", "alexnet_init")} | {
@@ -46,7 +51,7 @@ RECIPE_KEYS = {"alexnet2012": ("dropout", "alexnet_groups", "alexnet_init")} | {
 # A value for each recipe key other than the architectures' defaults.
 RECIPE_VALUES = {"dropout": 0.1, "alexnet_groups": 2, "alexnet_init": "kaiming"}
 
-# One model per family, shared by the tests that only run small inputs through it.
+# One model per builder, built for real and shared by the tests that run small inputs through it.
 FAMILIES = ["alexnet2012", "alexnet", "vgg11"]
 SMALL_NUM_CLASSES = 7
 SMALL_DROPOUT = 0.25
@@ -61,7 +66,7 @@ def dropouts_by_module(model: nn.Module) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def family_model(request: pytest.FixtureRequest) -> models.ConvNet:
+def family_model(request: pytest.FixtureRequest) -> models.InputSizeChecked:
     return models.build(request.param, SMALL_NUM_CLASSES, dropout=SMALL_DROPOUT).eval()
 
 
@@ -127,7 +132,11 @@ def test_unset_dropout_is_the_architectures_own() -> None:
 
 @pytest.mark.parametrize("name", sorted(PARAMETERS_AT_1000_CLASSES))
 def test_parameter_count(name: str) -> None:
-    assert parameter_count(models.build(name, 1000)) == PARAMETERS_AT_1000_CLASSES[name]
+    # Counting needs no values: on the meta device VGG's 138M weights are neither allocated nor drawn.
+    # family_model builds every builder's models for real.
+    with torch.device("meta"):
+        model = models.build(name, 1000)
+    assert parameter_count(model) == PARAMETERS_AT_1000_CLASSES[name]
 
 
 def test_grouped_alexnet2012_splits_conv2_conv4_conv5() -> None:
@@ -182,7 +191,7 @@ def test_torchvision_state_dict_round_trip(name: str) -> None:
             module.running_mean.uniform_(-0.1, 0.1)
             module.running_var.uniform_(0.5, 1.5)
     # On the meta device ours holds no values of its own: every tensor it computes with comes from the
-    # reference's state dict (assign=True), and test_parameter_count already builds it for real.
+    # reference's state dict (assign=True). family_model builds one model of each builder for real.
     with torch.device("meta"):
         ours = models.build(name, 1000)
     assert type(ours) is not type(reference)
@@ -216,10 +225,11 @@ def test_below_minimum_raises_naming_the_minimum(family_model: models.ConvNet) -
         family_model(torch.randn(1, 3, side, side - 1))
 
 
-def test_minimum_is_where_the_layers_themselves_fail(family_model: models.ConvNet) -> None:
+def test_minimum_is_where_the_layers_themselves_fail(family_model: models.InputSizeChecked) -> None:
     side = MIN_RESOLUTIONS[family_model.name]
+    # forward itself, without the pre-hook that checks the input size.
     with torch.no_grad(), pytest.raises(RuntimeError):
-        family_model.features(torch.randn(1, 3, side - 1, side - 1))
+        family_model.forward(torch.randn(1, 3, side - 1, side - 1))
 
 
 def test_dropout_is_honoured(family_model: models.ConvNet) -> None:
@@ -232,6 +242,10 @@ def test_dropout_is_honoured(family_model: models.ConvNet) -> None:
 
 def rows_by_name(table: LayerTable) -> dict[str, tuple[tuple[int, int, int], int, int, int]]:
     return {row.name: (row.shape, row.activations, row.params, row.macs) for row in table.rows}
+
+
+def receptive_fields(table: LayerTable) -> dict[str, int]:
+    return {row.name: row.receptive_field for row in table.rows}
 
 
 def test_vgg16_layer_table_matches_cs231n() -> None:
@@ -278,9 +292,43 @@ def test_alexnet2012_layer_table_matches_the_paper() -> None:
 def test_layer_table_totals(name: str) -> None:
     table = layer_table(name, 224)
     assert table.total_params == PARAMETERS_AT_1000_CLASSES[name]
+    assert table.training_only_params == 0
     family = name.removesuffix("_bn")
     if family in GIGA_MACS_AT_224:
         assert round(table.total_macs / 1e9, 3) == GIGA_MACS_AT_224[family]
+
+
+def test_receptive_fields_of_vgg16_and_alexnet2012() -> None:
+    # r_out = r_in + (K - 1) * j_in, j_out = j_in * S. VGG16: a 3x3 convolution adds 2j, a 2x2/2 pool adds
+    # j and doubles it. j = 1: 3, 5, pool1 6; j = 2: 10, 14, pool2 16; j = 4: 24, 32, 40, pool3 44;
+    # j = 8: 60, 76, 92, pool4 100; j = 16: 132, 164, conv5_3 196, pool5 212 (j = 32). fc6 sees pool5's
+    # whole 7x7 map: 212 + 6 * 32 = 404.
+    vgg16 = receptive_fields(layer_table("vgg16", 224))
+    assert [vgg16[name] for name in ("conv1_1", "conv1_2", "pool1", "conv3_3")] == [3, 5, 6, 40]
+    assert (vgg16["conv5_3"], vgg16["pool5"], vgg16["avgpool"], vgg16["fc6"]) == (196, 212, 212, 404)
+    # AlexNet 2012: conv1 11 (j = 4), pool1 3/2 11 + 2 * 4 = 19 (j = 8), conv2 5x5 19 + 4 * 8 = 51,
+    # pool2 51 + 2 * 8 = 67 (j = 16), conv3 67 + 2 * 16 = 99, conv4 131, conv5 163, pool5 195 (j = 32);
+    # fc6 sees pool5's 6x6 map: 195 + 5 * 32 = 355.
+    alexnet2012 = receptive_fields(layer_table("alexnet2012", 227))
+    assert [alexnet2012[f"conv{i}"] for i in range(1, 6)] == [11, 51, 99, 131, 163]
+    assert (alexnet2012["pool1"], alexnet2012["pool2"], alexnet2012["pool5"]) == (19, 67, 195)
+    assert alexnet2012["fc6"] == alexnet2012["fc8"] == 355
+
+
+def test_receptive_field_comparison() -> None:
+    # Simonyan & Zisserman, section 2.3: three 3x3 layers see 7x7 with 3 x 3^2 C^2 weights, one 7x7 layer
+    # 7^2 C^2. 64 channels: 27 x 4,096 = 110,592 and 49 x 4,096 = 200,704; 5 channels: 675 and 1,225.
+    lines = receptive_field_comparison(channels=64).splitlines()
+    assert "three 3x3 convolutions: receptive field 7, 110,592 weights = 27 C^2" in lines
+    assert "one 7x7 convolution: receptive field 7, 200,704 weights = 49 C^2" in lines
+    stack = [line.split() for line in lines if line.startswith("three 3x3 convolutions  conv")]
+    assert [(cells[4], cells[5]) for cells in stack] == [("3", "36,864"), ("5", "36,864"), ("7", "36,864")]
+    lines = receptive_field_comparison(channels=5).splitlines()
+    assert "three 3x3 convolutions: receptive field 7, 675 weights = 27 C^2" in lines
+    assert "one 7x7 convolution: receptive field 7, 1,225 weights = 49 C^2" in lines
+    assert lines[-1] == (
+        "one 7x7 convolution needs 81% more weights than three 3x3 convolutions for the same receptive field"
+    )
 
 
 def test_grouped_layer_table_counts_the_grouped_convolutions() -> None:
@@ -325,10 +373,40 @@ def test_layer_table_shapes_match_a_forward_pass(family_model: models.ConvNet) -
             hook.remove()
 
 
+class ShapeRecorder(fx.Interpreter):
+    """Runs a traced graph and keeps each node's output shape per image, flat vectors as C x 1 x 1."""
+
+    def __init__(self, graph: fx.GraphModule) -> None:
+        super().__init__(graph)
+        self.shapes: dict[fx.Node, tuple[int, ...]] = {}
+
+    def run_node(self, node: fx.Node) -> object:
+        result = super().run_node(node)
+        if isinstance(result, torch.Tensor) and node.op != "output":
+            per_image = tuple(result.shape[1:])
+            self.shapes[node] = per_image + (1,) * (3 - len(per_image))
+        return result
+
+
+def assert_feature_maps_match_a_run_of_the_graph(model: models.InputSizeChecked) -> None:
+    graph = trace(model)
+    for side in HOOKED_RESOLUTIONS[model.name]:
+        recorder = ShapeRecorder(graph)
+        with torch.no_grad():
+            recorder.run(torch.randn(2, 3, side, side))  # 2 images: batch norm in training needs 2 values
+        maps = feature_maps(graph, side)
+        computed = {node: (output.channels, output.side, output.side) for node, output in maps.items()}
+        assert computed == recorder.shapes
+
+
+def test_feature_maps_match_a_run_of_the_graph(family_model: models.InputSizeChecked) -> None:
+    assert_feature_maps_match_a_run_of_the_graph(family_model)
+
+
 def test_layer_table_command(capsys: pytest.CaptureFixture[str]) -> None:
     main(["vgg16", "--resolution", "224"])
     lines = capsys.readouterr().out.splitlines()
-    conv1_1 = ["conv1_1", "64x224x224", "3,211,264", "12.2", "MiB", "1,792", "86,704,128"]
+    conv1_1 = ["conv1_1", "64x224x224", "3", "3,211,264", "12.2", "MiB", "1,792", "86,704,128"]
     assert conv1_1 in [line.split() for line in lines]
     assert "parameters: 138,357,544" in lines
     assert "MACs per image: 15.47 G" in lines
@@ -336,3 +414,11 @@ def test_layer_table_command(capsys: pytest.CaptureFixture[str]) -> None:
         main(["alexnet2012", "--resolution", "60"])
     assert exit_info.value.code == 2
     assert "alexnet2012 needs inputs of at least 67x67 pixels, got 60x60" in capsys.readouterr().err
+
+
+def test_layer_table_command_prints_the_receptive_field_comparison(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["--receptive-field-comparison"])
+    assert capsys.readouterr().out == receptive_field_comparison() + "\n"
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2

@@ -11,16 +11,21 @@ import torch
 from models.alexnet import alexnet, alexnet2012
 from models.convnet import ConvNet
 from models.input_size import InputSizeChecked
+from models.lenet import lenet5
+from models.resnet import BLOCKS as RESNET_BLOCKS
+from models.resnet import ResNet
 from models.vgg import VARIANTS as VGG_VARIANTS
 from models.vgg import vgg
 
 __all__ = ["RECIPE_OPTIONS", "ConvNet", "InputSizeChecked", "build", "min_resolution", "names", "recipe_keys"]
 
 # Each model's builder, called as builder(num_classes, **options) with the options of its recipe keys.
-_BUILDERS: dict[str, Callable[..., ConvNet]] = {
+_BUILDERS: dict[str, Callable[..., InputSizeChecked]] = {
     "alexnet2012": alexnet2012,
     "alexnet": alexnet,
     **{name: partial(vgg, name) for name in VGG_VARIANTS},
+    **{name: partial(ResNet, name) for name in RESNET_BLOCKS},
+    "lenet5": lenet5,
 }
 
 # The keys of the training recipe that can change how a model is built, and build's keyword for each.
@@ -30,6 +35,9 @@ _RECIPE_KEYS: dict[str, tuple[str, ...]] = {
     "alexnet2012": ("dropout", "alexnet_groups", "alexnet_init"),
     "alexnet": ("dropout",),
     **{name: ("dropout",) for name in VGG_VARIANTS},
+    # No dropout in the ResNets (He et al. 2016, section 3.4: batch norm instead), nor in LeNet-5.
+    **{name: () for name in RESNET_BLOCKS},
+    "lenet5": (),
 }
 
 
@@ -55,7 +63,7 @@ def build(
     dropout: float | None = None,
     groups: int | None = None,
     init: str | None = None,
-) -> ConvNet:
+) -> InputSizeChecked:
     """A freshly initialised model `name` with `num_classes` outputs.
 
     dropout is the classifier's dropout probability. groups and init apply to alexnet2012 only:

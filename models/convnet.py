@@ -1,4 +1,5 @@
-"""The layout of the AlexNet and VGG models: convolutional features, adaptive average pool, classifier."""
+"""The layout of the AlexNet, VGG and LeNet-5 models: convolutional features, adaptive average pool,
+classifier."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ The receptive field column is the side of the square of input pixels that one ou
 r_out = r_in + (K - 1) * dilation * j_in with jump j_out = j_in * stride (see models.shapes); where
 paths meet it is the largest, and global pools and FC layers see their whole input map.
 
-Row names: AlexNet and VGG rows carry Caffe's layer names (conv3_2, pool5, fc6); the other
+Row names: AlexNet, VGG and LeNet-5 rows carry Caffe's layer names (conv3_2, pool5, fc6); the other
 models' rows carry their module paths, which are torchvision's parameter names (layer1.0.conv2), with
 .add and .cat for the additions and concatenations inside a module.
 """

@@ -15,8 +15,8 @@ from models.layer_table import LayerTable, layer_table, main, receptive_field_co
 from models.shapes import feature_maps, trace
 
 # torchvision's published counts (each model's ImageNet weights list them: e.g.
-# torchvision.models.VGG16_Weights.IMAGENET1K_V1.meta["num_params"]); alexnet2012 summed by hand from
-# the paper's layer sizes.
+# torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["num_params"]); alexnet2012 summed by hand from
+# the paper's layer sizes, lenet5 in models/lenet.py's docstring (61,156 + 85 x 1,000).
 PARAMETERS_AT_1000_CLASSES = {
     "alexnet2012": 62_378_344,
     "alexnet": 61_100_840,
@@ -28,31 +28,52 @@ PARAMETERS_AT_1000_CLASSES = {
     "vgg16_bn": 138_365_992,
     "vgg19": 143_667_240,
     "vgg19_bn": 143_678_248,
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "lenet5": 146_156,
 }
 # Half the weights of conv2, conv4 and conv5 go: 307,200 + 663,552 + 442,368 fewer.
 GROUPED_ALEXNET2012_PARAMETERS = 60_965_224
-TORCHVISION_NAMES = sorted(set(PARAMETERS_AT_1000_CLASSES) - {"alexnet2012"})
+TORCHVISION_NAMES = sorted(set(PARAMETERS_AT_1000_CLASSES) - {"alexnet2012", "lenet5"})
 
 # By hand, backwards from one output pixel of the last pool with floor((W - K + 2P) / S) + 1:
 # AlexNet's 3/2 pools need 3 -> 7 -> 15 pixels at conv1's output (the 3x3 and 5x5 convolutions are
 # padded to keep their size), and conv1 gives 15 from 67 (11x11/4, no padding) or 63 (padding 2).
 # VGG's five 2x2/2 pools need 2**5 = 32.
-MIN_RESOLUTIONS = {"alexnet2012": 67, "alexnet": 63} | {
-    name: 32 for name in PARAMETERS_AT_1000_CLASSES if name.startswith("vgg")
+# ResNet pads every layer enough to keep 1 pixel from 1: conv1 7x7/2 pad 3 gives (1 + 6 - 7) // 2 + 1 = 1,
+# the 3x3/2 max pool with pad 1 gives (1 + 2 - 3) // 2 + 1 = 1, 3x3 convolutions have pad 1, 1x1 any stride.
+# LeNet-5: S4 (2x2/2) needs 2 -> C3 (5x5) 6 -> S2 12 -> C1 (5x5) 16.
+MIN_RESOLUTIONS = {"alexnet2012": 67, "alexnet": 63, "lenet5": 16} | {
+    name: 32 if name.startswith("vgg") else 1
+    for name in PARAMETERS_AT_1000_CLASSES
+    if name.startswith(("vgg", "resnet"))
 }
 
 # torchvision's published GFLOPs at 224 (its weights' meta["_ops"]), counted as MACs; batch norm folds
 # into the convolutions and adds none.
-GIGA_MACS_AT_224 = {"alexnet": 0.714, "vgg11": 7.609, "vgg13": 11.308, "vgg16": 15.470, "vgg19": 19.632}
-
-RECIPE_KEYS = {"alexnet2012": ("dropout", "alexnet_groups", "alexnet_init")} | {
-    name: ("dropout",) for name in TORCHVISION_NAMES
+GIGA_MACS_AT_224 = {
+    "alexnet": 0.714,
+    "vgg11": 7.609,
+    "vgg13": 11.308,
+    "vgg16": 15.470,
+    "vgg19": 19.632,
+    "resnet18": 1.814,
+    "resnet34": 3.664,
+    "resnet50": 4.089,
 }
+
+RECIPE_KEYS = {
+    "alexnet2012": ("dropout", "alexnet_groups", "alexnet_init"),
+    "alexnet": ("dropout",),
+    "lenet5": (),
+} | {name: ("dropout",) if name.startswith("vgg") else () for name in TORCHVISION_NAMES if name != "alexnet"}
 # A value for each recipe key other than the architectures' defaults.
 RECIPE_VALUES = {"dropout": 0.1, "alexnet_groups": 2, "alexnet_init": "kaiming"}
 
 # One model per builder, built for real and shared by the tests that run small inputs through it.
-FAMILIES = ["alexnet2012", "alexnet", "vgg11"]
+FAMILIES = ["alexnet2012", "alexnet", "vgg11", "resnet18", "lenet5"]
+CONVNET_FAMILIES = ["alexnet2012", "alexnet", "vgg11", "lenet5"]
 SMALL_NUM_CLASSES = 7
 SMALL_DROPOUT = 0.25
 
@@ -67,7 +88,9 @@ def dropouts_by_module(model: nn.Module) -> dict[str, float]:
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_model(request: pytest.FixtureRequest) -> models.InputSizeChecked:
-    return models.build(request.param, SMALL_NUM_CLASSES, dropout=SMALL_DROPOUT).eval()
+    name = request.param
+    options = {"dropout": SMALL_DROPOUT} if "dropout" in models.recipe_keys(name) else {}
+    return models.build(name, SMALL_NUM_CLASSES, **options).eval()
 
 
 # --- registry -----------------------------------------------------------------------------------
@@ -80,14 +103,14 @@ def test_names_are_sorted_and_complete() -> None:
 @pytest.mark.parametrize(
     "lookup",
     [
-        lambda: models.build("resnet50", 10),
-        lambda: models.min_resolution("resnet50"),
-        lambda: models.recipe_keys("resnet50"),
+        lambda: models.build("resnet101", 10),
+        lambda: models.min_resolution("resnet101"),
+        lambda: models.recipe_keys("resnet101"),
     ],
     ids=["build", "min_resolution", "recipe_keys"],
 )
 def test_unknown_name_lists_the_known_names(lookup: Callable[[], object]) -> None:
-    with pytest.raises(ValueError, match="unknown model 'resnet50'") as error:
+    with pytest.raises(ValueError, match="unknown model 'resnet101'") as error:
         lookup()
     for name in PARAMETERS_AT_1000_CLASSES:
         assert name in str(error.value)
@@ -127,6 +150,7 @@ def test_unset_dropout_is_the_architectures_own() -> None:
     assert list(dropouts_by_module(vgg).values()) == [0.5, 0.5]
 
 
+
 # --- parameter counts and initialisation -------------------------------------------------------
 
 
@@ -137,6 +161,11 @@ def test_parameter_count(name: str) -> None:
     with torch.device("meta"):
         model = models.build(name, 1000)
     assert parameter_count(model) == PARAMETERS_AT_1000_CLASSES[name]
+
+
+def test_lenet5_for_ten_digits() -> None:
+    # models/lenet.py's sum: 61,156 + 85 x 10.
+    assert parameter_count(models.build("lenet5", 10)) == 62_006
 
 
 def test_grouped_alexnet2012_splits_conv2_conv4_conv5() -> None:
@@ -181,15 +210,24 @@ def test_alexnet2012_lrn_is_the_papers_formula() -> None:
 # --- torchvision compatibility -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", TORCHVISION_NAMES)
-def test_torchvision_state_dict_round_trip(name: str) -> None:
-    torch.manual_seed(0)
-    reference = getattr(torchvision.models, name)(weights=None).eval()
+def with_random_batch_norm_statistics(model: nn.Module) -> nn.Module:
     # Non-default running statistics, so the outputs also show the batch-norm buffers carried over.
-    for module in reference.modules():
+    for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.uniform_(-0.1, 0.1)
             module.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def below_minimum(name: str) -> torch.Tensor:
+    side = MIN_RESOLUTIONS[name]
+    return torch.randn(1, 3, side - 1, side - 1)
+
+
+@pytest.mark.parametrize("name", TORCHVISION_NAMES)
+def test_torchvision_state_dict_round_trip(name: str) -> None:
+    torch.manual_seed(0)
+    reference = with_random_batch_norm_statistics(getattr(torchvision.models, name)(weights=None)).eval()
     # On the meta device ours holds no values of its own: every tensor it computes with comes from the
     # reference's state dict (assign=True). family_model builds one model of each builder for real.
     with torch.device("meta"):
@@ -197,10 +235,15 @@ def test_torchvision_state_dict_round_trip(name: str) -> None:
     assert type(ours) is not type(reference)
     ours.load_state_dict(reference.state_dict(), strict=True, assign=True)
     ours.eval()
-    side = MIN_RESOLUTIONS[name]  # the smallest valid input keeps VGG cheap
+    # The smallest valid input keeps VGG cheap; 32 pixels at least, so ResNet's 3x3 kernels see more
+    # than the centre tap they see at its 1-pixel minimum.
+    side = max(MIN_RESOLUTIONS[name], 32)
     images = torch.randn(1, 3, side, side)
     with torch.no_grad():
         assert torch.allclose(ours(images), reference(images))
+    # What ours adds to torchvision's model: the input-size check.
+    with pytest.raises(ValueError, match=f"{name} needs inputs of at least"):
+        ours(below_minimum(name))
 
 
 # --- input size ---------------------------------------------------------------------------------
@@ -210,13 +253,13 @@ def test_min_resolution_matches_the_hand_calculation() -> None:
     assert {name: models.min_resolution(name) for name in models.names()} == MIN_RESOLUTIONS
 
 
-def test_minimum_input_works_and_honours_num_classes(family_model: models.ConvNet) -> None:
+def test_minimum_input_works_and_honours_num_classes(family_model: models.InputSizeChecked) -> None:
     side = MIN_RESOLUTIONS[family_model.name]
     with torch.no_grad():
         assert family_model(torch.randn(2, 3, side, side)).shape == (2, SMALL_NUM_CLASSES)
 
 
-def test_below_minimum_raises_naming_the_minimum(family_model: models.ConvNet) -> None:
+def test_below_minimum_raises_naming_the_minimum(family_model: models.InputSizeChecked) -> None:
     side = MIN_RESOLUTIONS[family_model.name]
     message = f"{family_model.name} needs inputs of at least {side}x{side} pixels, got {side - 1}x{side - 1}"
     with pytest.raises(ValueError, match=message):
@@ -226,18 +269,35 @@ def test_below_minimum_raises_naming_the_minimum(family_model: models.ConvNet) -
 
 
 def test_minimum_is_where_the_layers_themselves_fail(family_model: models.InputSizeChecked) -> None:
-    side = MIN_RESOLUTIONS[family_model.name]
     # forward itself, without the pre-hook that checks the input size.
     with torch.no_grad(), pytest.raises(RuntimeError):
-        family_model.forward(torch.randn(1, 3, side - 1, side - 1))
+        family_model.forward(below_minimum(family_model.name))
 
 
-def test_dropout_is_honoured(family_model: models.ConvNet) -> None:
-    dropouts = [module.p for module in family_model.modules() if isinstance(module, nn.Dropout)]
-    assert dropouts == [SMALL_DROPOUT, SMALL_DROPOUT]
+def test_dropout_is_honoured(family_model: models.InputSizeChecked) -> None:
+    expected = {
+        "alexnet2012": {"classifier.0": SMALL_DROPOUT, "classifier.3": SMALL_DROPOUT},
+        "alexnet": {"classifier.0": SMALL_DROPOUT, "classifier.3": SMALL_DROPOUT},
+        "vgg11": {"classifier.2": SMALL_DROPOUT, "classifier.5": SMALL_DROPOUT},
+        "resnet18": {},
+        "lenet5": {},
+    }
+    assert dropouts_by_module(family_model) == expected[family_model.name]
 
 
-# --- layer table ----------------------------------------------------------------------------------
+def test_lenet5_takes_rgb_inputs_from_32_pixels_up() -> None:
+    model = models.build("lenet5", 10).eval()
+    with torch.no_grad():
+        for side in (32, 80):
+            assert model(torch.randn(2, 3, side, side)).shape == (2, 10)
+    shapes_at = {side: {row.name: row.shape for row in layer_table("lenet5", side).rows} for side in (32, 80)}
+    # At the paper's 32 pixels S4 gives C5 its 5x5 maps unpooled; at 80 they are pooled down from 17x17.
+    assert shapes_at[32]["pool2"] == shapes_at[32]["avgpool"] == (16, 5, 5)
+    assert shapes_at[80]["pool2"] == (16, 17, 17)
+    assert shapes_at[80]["avgpool"] == (16, 5, 5)
+
+
+# --- shapes and the layer table -------------------------------------------------------------------
 
 
 def rows_by_name(table: LayerTable) -> dict[str, tuple[tuple[int, int, int], int, int, int]]:
@@ -298,6 +358,13 @@ def test_layer_table_totals(name: str) -> None:
         assert round(table.total_macs / 1e9, 3) == GIGA_MACS_AT_224[family]
 
 
+def test_layer_table_counts_residual_additions() -> None:
+    resnet50 = [row.name for row in layer_table("resnet50", 224).rows]
+    # One addition per bottleneck (3 + 4 + 6 + 3), a projection shortcut where a stage begins.
+    assert sum(name.endswith(".add") for name in resnet50) == 16
+    assert sum(name.endswith(".downsample.0") for name in resnet50) == 4
+
+
 def test_receptive_fields_of_vgg16_and_alexnet2012() -> None:
     # r_out = r_in + (K - 1) * j_in, j_out = j_in * S. VGG16: a 3x3 convolution adds 2j, a 2x2/2 pool adds
     # j and doubles it. j = 1: 3, 5, pool1 6; j = 2: 10, 14, pool2 16; j = 4: 24, 32, 40, pool3 44;
@@ -313,6 +380,21 @@ def test_receptive_fields_of_vgg16_and_alexnet2012() -> None:
     assert [alexnet2012[f"conv{i}"] for i in range(1, 6)] == [11, 51, 99, 131, 163]
     assert (alexnet2012["pool1"], alexnet2012["pool2"], alexnet2012["pool5"]) == (19, 67, 195)
     assert alexnet2012["fc6"] == alexnet2012["fc8"] == 355
+
+
+def test_receptive_fields_through_residual_branches() -> None:
+    # ResNet-50: conv1 7x7/2 gives 7 (j = 2), the 3x3/2 max pool 7 + 2 * 2 = 11 (j = 4); in layer1.0
+    # conv1 (1x1) keeps 11, conv2 (3x3) 11 + 2 * 4 = 19, conv3 (1x1) 19, the shortcut's 1x1 projection
+    # 11, and the addition takes the larger, 19. Two more 3x3s give 35 by layer2.0, whose 3x3 strides
+    # (v1.5): 35 + 2 * 4 = 43 (j = 8).
+    resnet50 = receptive_fields(layer_table("resnet50", 224))
+    assert [resnet50[name] for name in ("conv1", "maxpool", "layer1.0.conv1", "layer1.0.conv2")] == [7, 11, 11, 19]
+    assert (resnet50["layer1.0.downsample.0"], resnet50["layer1.0.add"]) == (11, 19)
+    assert (resnet50["layer2.0.conv1"], resnet50["layer2.0.conv2"]) == (35, 43)
+    # LeNet-5 at 32: conv1 5, pool1 5 + 1 = 6 (j = 2), conv2 6 + 4 * 2 = 14, pool2 14 + 2 = 16 (j = 4);
+    # C5 sees pool2's whole 5x5 map, 16 + 4 * 4 = 32, the whole unpadded input.
+    lenet5 = receptive_fields(layer_table("lenet5", 32))
+    assert [lenet5[name] for name in ("conv1", "pool1", "conv2", "pool2", "fc3")] == [5, 6, 14, 16, 32]
 
 
 def test_receptive_field_comparison() -> None:
@@ -344,10 +426,17 @@ def test_layer_table_rejects_inputs_below_the_minimum() -> None:
         layer_table("vgg11", 31)
 
 
-# Odd sides exercise the floor in the pools; both AlexNets at their minimum and native sizes.
-HOOKED_RESOLUTIONS = {"alexnet2012": [67, 227], "alexnet": [63, 224], "vgg11": [32, 57, 64]}
+# Odd sides exercise the floor and ceil rounding of the pools; every family at its minimum.
+HOOKED_RESOLUTIONS = {
+    "alexnet2012": [67, 227],
+    "alexnet": [63, 224],
+    "vgg11": [32, 57, 64],
+    "resnet18": [1, 33],
+    "lenet5": [16, 32, 81],
+}
 
 
+@pytest.mark.parametrize("family_model", CONVNET_FAMILIES, indirect=True)
 def test_layer_table_shapes_match_a_forward_pass(family_model: models.ConvNet) -> None:
     shapes: list[tuple[int, ...]] = []
 
@@ -355,7 +444,7 @@ def test_layer_table_shapes_match_a_forward_pass(family_model: models.ConvNet) -
         per_image = tuple(output.shape[1:])
         shapes.append(per_image + (1,) * (3 - len(per_image)))  # FC outputs read as C x 1 x 1
 
-    counted = (nn.Conv2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Linear)
+    counted = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Linear)
     hooks = [
         module.register_forward_hook(record)
         for module in family_model.modules()
@@ -414,6 +503,19 @@ def test_layer_table_command(capsys: pytest.CaptureFixture[str]) -> None:
         main(["alexnet2012", "--resolution", "60"])
     assert exit_info.value.code == 2
     assert "alexnet2012 needs inputs of at least 67x67 pixels, got 60x60" in capsys.readouterr().err
+
+
+def test_layer_table_command_for_resnet50_and_lenet5(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["resnet50", "--resolution", "224"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:4] == ["layer", "output", "CxHxW", "receptive"]
+    assert ["layer1.0.add", "256x56x56", "19", "802,816", "3.1", "MiB", "0", "0"] in [line.split() for line in lines]
+    assert "parameters: 25,557,032" in lines
+    assert "MACs per image: 4.09 G" in lines
+    main(["lenet5", "--resolution", "32", "--num-classes", "10"])
+    lines = capsys.readouterr().out.splitlines()
+    assert ["fc3", "120x1x1", "32", "120", "480.0", "B", "48,120", "48,000"] in [line.split() for line in lines]
+    assert "parameters: 62,006" in lines
 
 
 def test_layer_table_command_prints_the_receptive_field_comparison(capsys: pytest.CaptureFixture[str]) -> None:

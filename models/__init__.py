@@ -1,5 +1,5 @@
-"""The model registry every stage builds from: build(name, num_classes), names(), min_resolution(name) and
-recipe_keys(name)."""
+"""The model registry every stage builds from: build(name, num_classes), names(), min_resolution(name),
+recipe_keys(name) and training_loss(outputs, labels, criterion)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from models.alexnet import alexnet, alexnet2012
 from models.convnet import ConvNet
+from models.googlenet import AUX_LOSS_WEIGHT, GoogLeNet, GoogLeNetOutputs
 from models.input_size import InputSizeChecked
 from models.lenet import lenet5
 from models.resnet import BLOCKS as RESNET_BLOCKS
@@ -17,7 +18,16 @@ from models.resnet import ResNet
 from models.vgg import VARIANTS as VGG_VARIANTS
 from models.vgg import vgg
 
-__all__ = ["RECIPE_OPTIONS", "ConvNet", "InputSizeChecked", "build", "min_resolution", "names", "recipe_keys"]
+__all__ = [
+    "RECIPE_OPTIONS",
+    "ConvNet",
+    "InputSizeChecked",
+    "build",
+    "min_resolution",
+    "names",
+    "recipe_keys",
+    "training_loss",
+]
 
 # Each model's builder, called as builder(num_classes, **options) with the options of its recipe keys.
 _BUILDERS: dict[str, Callable[..., InputSizeChecked]] = {
@@ -25,6 +35,7 @@ _BUILDERS: dict[str, Callable[..., InputSizeChecked]] = {
     "alexnet": alexnet,
     **{name: partial(vgg, name) for name in VGG_VARIANTS},
     **{name: partial(ResNet, name) for name in RESNET_BLOCKS},
+    "googlenet": GoogLeNet,
     "lenet5": lenet5,
 }
 
@@ -35,6 +46,8 @@ _RECIPE_KEYS: dict[str, tuple[str, ...]] = {
     "alexnet2012": ("dropout", "alexnet_groups", "alexnet_init"),
     "alexnet": ("dropout",),
     **{name: ("dropout",) for name in VGG_VARIANTS},
+    # The main classifier's dropout; the auxiliary heads keep the paper's 0.7.
+    "googlenet": ("dropout",),
     # No dropout in the ResNets (He et al. 2016, section 3.4: batch norm instead), nor in LeNet-5.
     **{name: () for name in RESNET_BLOCKS},
     "lenet5": (),
@@ -68,9 +81,9 @@ def build(
 
     dropout is the classifier's dropout probability. groups and init apply to alexnet2012 only:
     groups=2 is the paper's two-GPU split of conv2, conv4 and conv5; init is "paper" or "kaiming".
-    An option left at None takes the architecture's own default (dropout 0.5 for AlexNet and VGG;
-    groups 1; init "paper"). Giving an option the model is not built from raises ValueError naming
-    it, so no run records a setting that had no effect.
+    An option left at None takes the architecture's own default (dropout 0.5 for AlexNet and VGG,
+    0.2 for GoogLeNet; groups 1; init "paper"). Giving an option the model is not built from raises
+    ValueError naming it, so no run records a setting that had no effect.
     """
     _check_known(name)
     if num_classes < 1:
@@ -95,6 +108,23 @@ def min_resolution(name: str) -> int:
     # Built on the meta device: only the layer hyperparameters matter, so nothing is allocated or drawn.
     with torch.device("meta"):
         return build(name, num_classes=1).min_resolution
+
+
+def training_loss(
+    outputs: torch.Tensor | GoogLeNetOutputs,
+    labels: torch.Tensor,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss to minimise and the main logits, from what a model returns in training mode.
+
+    Most models return their logits: the loss is criterion(logits, labels). GoogLeNet returns its main
+    and auxiliary logits; as in the paper (section 5) the auxiliary losses are added with weight 0.3:
+    criterion(main) + 0.3 * (criterion(aux1) + criterion(aux2)).
+    """
+    if isinstance(outputs, GoogLeNetOutputs):
+        auxiliary = criterion(outputs.aux_logits1, labels) + criterion(outputs.aux_logits2, labels)
+        return criterion(outputs.logits, labels) + AUX_LOSS_WEIGHT * auxiliary, outputs.logits
+    return criterion(outputs, labels), outputs
 
 
 def _build_options(name: str) -> set[str]:

@@ -101,11 +101,11 @@ def layer_table(
     rows = _rows(graph, feature_maps(graph, resolution))
     if isinstance(model, ConvNet):
         rows = _caffe_names(model, rows)
-    run = {node.target for node in graph.graph.nodes if node.op == "call_module"}
+    layers_run = {node.target for node in graph.graph.nodes if node.op == "call_module"}
     training_only_params = sum(
         parameter.numel()
         for parameter_name, parameter in model.named_parameters()
-        if parameter_name.rpartition(".")[0] not in run
+        if parameter_name.rpartition(".")[0] not in layers_run
     )
     return LayerTable(name, resolution, num_classes, rows, training_only_params)
 

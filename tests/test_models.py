@@ -80,8 +80,11 @@ RECIPE_KEYS = {
     "alexnet2012": ("dropout", "alexnet_groups", "alexnet_init"),
     "alexnet": ("dropout",),
     "googlenet": ("dropout",),
+    "resnet18": (),
+    "resnet34": (),
+    "resnet50": (),
     "lenet5": (),
-} | {name: ("dropout",) if name.startswith("vgg") else () for name in TORCHVISION_NAMES if name != "alexnet"}
+} | {name: ("dropout",) for name in PARAMETERS_AT_1000_CLASSES if name.startswith("vgg")}
 # A value for each recipe key other than the architectures' defaults.
 RECIPE_VALUES = {"dropout": 0.1, "alexnet_groups": 2, "alexnet_init": "kaiming"}
 
@@ -161,10 +164,9 @@ def test_build_takes_exactly_the_options_of_the_recipe_keys(name: str) -> None:
 def test_unset_dropout_is_the_architectures_own() -> None:
     with torch.device("meta"):
         vgg, googlenet = models.build("vgg11", 10), models.build("googlenet", 10)
-    assert [module.p for module in vgg.modules() if isinstance(module, nn.Dropout)] == [0.5, 0.5]
+    assert dropouts_by_module(vgg) == {"classifier.2": 0.5, "classifier.5": 0.5}
     # torchvision's defaults: 0.2 before the main classifier, the paper's 0.7 in the auxiliary heads.
     assert dropouts_by_module(googlenet) == {"aux1.dropout": 0.7, "aux2.dropout": 0.7, "dropout": 0.2}
-
 
 
 # --- parameter counts and initialisation -------------------------------------------------------

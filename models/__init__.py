@@ -1,4 +1,5 @@
-"""The model registry every stage builds from: build(name, num_classes), names(), min_resolution(name)."""
+"""The model registry every stage builds from: build(name, num_classes), names(), min_resolution(name),
+recipe_keys(name) and training_loss(outputs, labels, criterion)."""
 
 from __future__ import annotations
 
@@ -9,40 +10,96 @@ import torch
 
 from models.alexnet import alexnet, alexnet2012
 from models.convnet import ConvNet
+from models.googlenet import AUX_LOSS_WEIGHT, GoogLeNet, GoogLeNetOutputs
+from models.input_size import InputSizeChecked
+from models.lenet import lenet5
+from models.resnet import BLOCKS as RESNET_BLOCKS
+from models.resnet import ResNet
 from models.vgg import VARIANTS as VGG_VARIANTS
 from models.vgg import vgg
 
-__all__ = ["ConvNet", "build", "min_resolution", "names", "recipe_keys"]
+__all__ = [
+    "RECIPE_OPTIONS",
+    "ConvNet",
+    "InputSizeChecked",
+    "build",
+    "min_resolution",
+    "names",
+    "recipe_keys",
+    "training_loss",
+]
 
-# Builders of the ungrouped models, called as builder(num_classes, dropout=...).
-_UNGROUPED_BUILDERS: dict[str, Callable[..., ConvNet]] = {
+# Each model's builder, called as builder(num_classes, **options) with the options of its recipe keys.
+_BUILDERS: dict[str, Callable[..., InputSizeChecked]] = {
+    "alexnet2012": alexnet2012,
     "alexnet": alexnet,
     **{name: partial(vgg, name) for name in VGG_VARIANTS},
+    **{name: partial(ResNet, name) for name in RESNET_BLOCKS},
+    "googlenet": GoogLeNet,
+    "lenet5": lenet5,
+}
+
+# The keys of the training recipe that can change how a model is built, and build's keyword for each.
+RECIPE_OPTIONS: dict[str, str] = {"dropout": "dropout", "alexnet_groups": "groups", "alexnet_init": "init"}
+
+_RECIPE_KEYS: dict[str, tuple[str, ...]] = {
+    "alexnet2012": ("dropout", "alexnet_groups", "alexnet_init"),
+    "alexnet": ("dropout",),
+    **{name: ("dropout",) for name in VGG_VARIANTS},
+    # The main classifier's dropout; the auxiliary heads keep the paper's 0.7.
+    "googlenet": ("dropout",),
+    # No dropout in the ResNets (He et al. 2016, section 3.4: batch norm instead), nor in LeNet-5.
+    **{name: () for name in RESNET_BLOCKS},
+    "lenet5": (),
 }
 
 
 def names() -> list[str]:
     """The known model names, sorted."""
-    return sorted(["alexnet2012", *_UNGROUPED_BUILDERS])
+    return sorted(_BUILDERS)
 
 
-def build(name: str, num_classes: int, *, dropout: float = 0.5, groups: int = 1, init: str = "paper") -> ConvNet:
+def recipe_keys(name: str) -> tuple[str, ...]:
+    """The keys of the training recipe, out of RECIPE_OPTIONS, that change how model `name` is built.
+
+    A training run passes build exactly these (as RECIPE_OPTIONS' keywords) and is named by them only,
+    so runs of a model that differ only in a setting it ignores are one run.
+    """
+    _check_known(name)
+    return _RECIPE_KEYS[name]
+
+
+def build(
+    name: str,
+    num_classes: int,
+    *,
+    dropout: float | None = None,
+    groups: int | None = None,
+    init: str | None = None,
+) -> InputSizeChecked:
     """A freshly initialised model `name` with `num_classes` outputs.
 
     dropout is the classifier's dropout probability. groups and init apply to alexnet2012 only:
     groups=2 is the paper's two-GPU split of conv2, conv4 and conv5; init is "paper" or "kaiming".
+    An option left at None takes the architecture's own default (dropout 0.5 for AlexNet and VGG,
+    0.2 for GoogLeNet; groups 1; init "paper"). Giving an option the model is not built from raises
+    ValueError naming it, so no run records a setting that had no effect.
     """
-    if name not in names():
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}")
+    _check_known(name)
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-    if name == "alexnet2012":
-        return alexnet2012(num_classes, dropout=dropout, groups=groups, init=init)
-    if groups != 1:
-        raise ValueError(f"groups={groups} applies only to alexnet2012; {name} has no grouped convolutions")
-    if init != "paper":
-        raise ValueError(f"init={init!r} applies only to alexnet2012; {name} keeps torchvision's initialisation")
-    return _UNGROUPED_BUILDERS[name](num_classes, dropout=dropout)
+    given = {
+        option: value
+        for option, value in {"dropout": dropout, "groups": groups, "init": init}.items()
+        if value is not None
+    }
+    for option, value in given.items():
+        users = [model for model in names() if option in _build_options(model)]
+        if name not in users:
+            raise ValueError(
+                f"{option}={value!r} applies only to {', '.join(users)}; {name} has no such option"
+            )
+    return _BUILDERS[name](num_classes, **given)
 
 
 @cache
@@ -53,6 +110,27 @@ def min_resolution(name: str) -> int:
         return build(name, num_classes=1).min_resolution
 
 
-def recipe_keys(name: str) -> tuple[str, ...]:
-    """The training recipe's keys that change how model `name` is built."""
-    return ("dropout", "alexnet_groups", "alexnet_init") if name == "alexnet2012" else ("dropout",)
+def training_loss(
+    outputs: torch.Tensor | GoogLeNetOutputs,
+    labels: torch.Tensor,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss to minimise and the main logits, from what a model returns in training mode.
+
+    Most models return their logits: the loss is criterion(logits, labels). GoogLeNet returns its main
+    and auxiliary logits; as in the paper (section 5) the auxiliary losses are added with weight 0.3:
+    criterion(main) + 0.3 * (criterion(aux1) + criterion(aux2)).
+    """
+    if isinstance(outputs, GoogLeNetOutputs):
+        auxiliary = criterion(outputs.aux_logits1, labels) + criterion(outputs.aux_logits2, labels)
+        return criterion(outputs.logits, labels) + AUX_LOSS_WEIGHT * auxiliary, outputs.logits
+    return criterion(outputs, labels), outputs
+
+
+def _build_options(name: str) -> set[str]:
+    return {RECIPE_OPTIONS[key] for key in _RECIPE_KEYS[name]}
+
+
+def _check_known(name: str) -> None:
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}")

@@ -1,12 +1,38 @@
-"""The Ray cluster a stage trains on: joining it, and what it offers."""
+"""The Ray cluster a stage trains on: joining it, and checking before training that every node can
+reach what the run needs.
+
+On one node every path is as good as shared. With several, rank 0 may run on any node and write to
+MLflow from there, and every worker reads the data and writes checkpoints from its own node, so:
+  the MLflow store    must be a tracking server: a file store (sqlite:///..., file:...) is the driver's
+                      node's file, which other nodes do not see (and SQLite over a network mount
+                      corrupts under concurrent writers);
+  ray.storage_path    a URI, or a path every node sees: a probe file written by the driver must be
+                      visible from every node;
+  the data (--data)   a URI (each node copies it once, pipeline/local_data.py), or a path every node
+                      sees with the same dataset.json and .beton sizes.
+Each check names the setting to change.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+import uuid
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.config import RayParams
+from pipeline.errors import InputError
+from pipeline.storage import Location
+
+# Ray Train's default wait for a worker group's resources (ray/train/v2/_internal/constants.py).
+WORKER_GROUP_START_TIMEOUT_S = 60.0
+START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+class ClusterError(InputError):
+    """A node cannot reach something the run needs; the message names the setting to change."""
 
 
 def connect(params: RayParams) -> None:
@@ -27,3 +53,61 @@ def alive_nodes() -> list[dict]:
 
 def device_name(params: RayParams) -> str:
     return "cuda" if params.use_gpu else "cpu"
+
+
+def check_nodes_reach(tracking_uri: str, file_store: bool, storage: Location, data: Location) -> None:
+    """With several nodes: the tracking store, the run store and the data are reachable from each."""
+    nodes = alive_nodes()
+    if len(nodes) < 2:
+        return
+    if file_store:
+        raise ClusterError(
+            f"the cluster has {len(nodes)} nodes, and the MLflow store {tracking_uri} is a file on this node that "
+            "the others cannot write: run an MLflow tracking server (mlflow server ...) and set "
+            "mlflow.tracking_uri or MLFLOW_TRACKING_URI to it (README: Running on a Ray cluster)"
+        )
+    if storage.is_local:
+        probe = storage / f".probe-{uuid.uuid4().hex}"
+        probe.write_text("written by the driver")
+        try:
+            blind = _nodes_where(lambda location: location.exists(), probe, nodes, expect=True)
+        finally:
+            probe.delete()
+        if blind:
+            raise ClusterError(
+                f"ray.storage_path {storage} is not shared: node(s) {', '.join(blind)} do not see a file the driver "
+                "wrote there; give a folder every node mounts, or a URI (s3://bucket/prefix)"
+            )
+    if data.is_local:
+        description = data / "dataset.json"
+        expected = description.read_text()
+        blind = _nodes_where(lambda location: location.exists() and location.read_text(), description, nodes,
+                             expect=expected)
+        if blind:
+            raise ClusterError(
+                f"--data {data} is not the same on every node: node(s) {', '.join(blind)} do not see its "
+                "dataset.json; put the .beton files on storage every node mounts, or give a URI (s3://...)"
+            )
+
+
+def _nodes_where(check, location: Location, nodes: list[dict], expect) -> list[str]:
+    """The nodes (by address) on which check(location) does not give `expect`."""
+
+    @ray.remote(num_cpus=0)
+    def run_check(target: Location):
+        return check(target)
+
+    pending = {
+        node["NodeManagerAddress"] + f" ({node['NodeID'][:8]})": run_check.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(location)
+        for node in nodes
+    }
+    return [name for name, result in pending.items() if ray.get(result) != expect]
+
+
+def capacity_wait(params: RayParams) -> tuple[float, int]:
+    """(Ray Train's wait for a worker group's resources, how many such waits may fail in a row) that add
+    up to ray.capacity_timeout_s: Ray Train's own default retries them without end, so a run whose node
+    died and was never replaced would wait forever."""
+    start_timeout = min(WORKER_GROUP_START_TIMEOUT_S, params.capacity_timeout_s)
+    return start_timeout, math.ceil(params.capacity_timeout_s / start_timeout) - 1

@@ -105,6 +105,7 @@ class RayParams(Section):
     checkpoints_to_keep: int = Field(ge=1)
     max_failures: int = Field(ge=0)
     keep_finished_runs: int | None = Field(ge=0)
+    capacity_timeout_s: float = Field(gt=0)
 
 
 class MlflowParams(Section):

@@ -1,7 +1,12 @@
-"""The one exception type for bad user input, so every stage reports it the same way."""
+"""The exception types a stage reports in one line instead of a traceback."""
 
 
 class InputError(ValueError):
     """A params key, file or folder the user gave cannot be used: the message names it.
 
     Stage scripts print it as one line and exit with status 2, before any expensive work."""
+
+
+class ExplainedFailure(RuntimeError):
+    """A failure whose message says what happened and what to do (e.g. the cluster had no room for the
+    workers): stage scripts print it as one line and exit with status 1."""

@@ -88,11 +88,9 @@ class RunSpec:
         return f"{self.model}-{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
 
     def build_model(self) -> torch.nn.Module:
-        options = {"dropout": self.recipe.dropout, "groups": self.recipe.alexnet_groups,
-                   "init": self.recipe.alexnet_init}
-        used = {"dropout": "dropout", "alexnet_groups": "groups", "alexnet_init": "init"}
-        return models.build(self.model, self.num_classes,
-                            **{used[key]: options[used[key]] for key in models.recipe_keys(self.model)})
+        """The model with the recipe's options it uses (and only those: build refuses the others)."""
+        options = {models.RECIPE_OPTIONS[key]: getattr(self.recipe, key) for key in models.recipe_keys(self.model)}
+        return models.build(self.model, self.num_classes, **options)
 
 
 @dataclasses.dataclass(frozen=True)

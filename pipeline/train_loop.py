@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import models
 from pipeline.config import TrainRecipe
 from pipeline.loaders import make_train_loader, make_val_loader
 from pipeline.runs import RunSpec
@@ -106,8 +107,8 @@ def train_worker(loop_config: dict) -> None:
         for images, labels in train_loader:
             data_wait += time.perf_counter() - wait_start
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                logits = model(images)
-                loss = criterion(logits, labels)
+                # GoogLeNet adds its auxiliary classifiers' losses in training.
+                loss, logits = models.training_loss(model(images), labels, criterion)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -6,18 +6,30 @@ hands the last checkpoint to the workers (pipeline/train_loop.py loads it).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import ray.train
 import torch
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+from ray.train.v2.api.exceptions import ControllerError
 
+from pipeline.cluster import START_TIMEOUT_VARIABLE, capacity_wait
 from pipeline.config import RayParams
+from pipeline.errors import ExplainedFailure
 from pipeline.runs import RunResult, RunStore
 from pipeline.train_loop import CHECKPOINT_FILE, TrainJob, train_worker
 
 
+class CapacityTimeout(ExplainedFailure):
+    """The cluster had no room for the run's workers within ray.capacity_timeout_s."""
+
+
 def fit(job: TrainJob, runs: RunStore, params: RayParams) -> RunResult:
+    start_timeout, start_failures = capacity_wait(params)
+    # Ray Train hands this variable from the driver to its controller.
+    os.environ[START_TIMEOUT_VARIABLE] = str(start_timeout)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": job},
@@ -30,11 +42,21 @@ def fit(job: TrainJob, runs: RunStore, params: RayParams) -> RunResult:
             name=job.spec.name,
             storage_path=runs.root.path,
             storage_filesystem=runs.root.filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=params.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=params.max_failures,
+                                                   controller_failure_limit=start_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=params.checkpoints_to_keep),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ControllerError as error:
+        if isinstance(error.controller_failure, WorkerGroupStartupTimeoutError):
+            raise CapacityTimeout(
+                f"{job.spec.name}: the cluster had no room for {job.spec.num_workers} worker(s) within "
+                f"ray.capacity_timeout_s={params.capacity_timeout_s:g} s (a node was lost and not replaced?); its "
+                f"checkpoints are kept in {runs.record(job.spec.name).folder}: run the stage again to resume"
+            ) from error
+        raise
     if result.checkpoint is None:
         raise RuntimeError(f"training {job.spec.name} ended without a checkpoint")
     with result.checkpoint.as_directory() as directory:

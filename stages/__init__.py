@@ -6,7 +6,7 @@ import importlib.util
 import sys
 from collections.abc import Callable
 
-from pipeline.errors import InputError
+from pipeline.errors import ExplainedFailure, InputError
 
 # Checked before any stage imports them: DVC runs stage commands with whatever `python` is first on
 # the PATH, and `.venv/bin/dvc ...` alone does not put the venv's python there.
@@ -25,13 +25,17 @@ require_project_environment()
 
 
 def run_stage(stage: Callable[[], object]) -> int:
-    """Runs a stage; bad input becomes one line on stderr and exit status 2 instead of a traceback,
-    and an interruption (Ctrl-C, or SIGTERM, which pipeline.tracking turns into one) exits with 130."""
+    """Runs a stage; bad input becomes one line on stderr and exit status 2 instead of a traceback, an
+    explained failure one line and status 1, and an interruption (Ctrl-C, or SIGTERM, which
+    pipeline.tracking turns into one) exits with 130."""
     try:
         stage()
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except ExplainedFailure as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         # Ray Train re-raises a plain KeyboardInterrupt, so which signal it was is lost by here.
         print("interrupted", file=sys.stderr)

@@ -16,8 +16,11 @@ from pipeline.config import PROJECT_ROOT, Params, load_params
 # The machine has 2 cores; Ray is given 4 logical CPUs so 2 training workers plus Ray Train's
 # controller and Tune trials fit at once (they mostly wait on each other).
 TEST_RAY_CPUS = 4
-# The smallest input alexnet2012 accepts: the cheapest real training the tests can run.
+# The smallest input alexnet2012 accepts: the cheapest training of the flagship model.
 TEST_RESOLUTION = 67
+# LeNet-5 at its native 32 px learns the digits in seconds: the tests of the pipeline's plumbing (resume,
+# stores, DVC, clusters) train it, so their time goes to what they test rather than to convolutions.
+FAST_MODEL, FAST_RESOLUTION = "lenet5", 32
 
 
 @pytest.fixture
@@ -37,10 +40,12 @@ def write_params(folder: Path, overrides: dict) -> tuple[Path, Params]:
     return path, load_params(path)
 
 
-def training_overrides(folder: Path, ray: dict | None = None, **train: object) -> dict:
+def training_overrides(folder: Path, ray: dict | None = None, model: str = FAST_MODEL, **train: object) -> dict:
     """A small, fast training setting whose run store and MLflow store live in `folder`."""
+    resolution = FAST_RESOLUTION if model == FAST_MODEL else TEST_RESOLUTION
     return {
-        "train": {"models": ["alexnet2012"], "epochs": 3, "batch_size": 32, "resolution": TEST_RESOLUTION, **train},
+        "train": {"models": [model], "epochs": 3, "batch_size": 32, "resolution": resolution, **train},
+        "ensemble": {"model": model},
         "ray": {"storage_path": str(folder / "ray_results"), **(ray or {})},
         "mlflow": {"tracking_uri": f"sqlite:///{folder / 'mlflow.db'}", "experiment": "tests"},
     }
@@ -109,7 +114,7 @@ def trained_run(tmp_path_factory, ray_cluster, digits_tree):
 
     betons = preprocess(digits_tree, digits_tree / "params.yaml")
     folder = tmp_path_factory.mktemp("trained")
-    _, params = write_params(folder, training_overrides(folder))
+    _, params = write_params(folder, training_overrides(folder, model="alexnet2012"))
     metrics = train_model(params, "alexnet2012", Location.local(betons), Location.local(folder / "out"))
     return {"params": params, "folder": folder, "metrics": metrics, "out": folder / "out"}
 

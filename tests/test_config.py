@@ -30,7 +30,7 @@ def test_shipped_params_are_valid():
         ("train", "epochs", 0, "train.epochs: Input should be greater than 0"),
         ("train", "lr", "0.01", "train.lr: Input should be a valid number"),
         ("train", "schedule", "linear", "train.schedule: got 'linear'; allowed: 'plateau', 'step' or 'cosine'"),
-        ("train", "models", ["alexnet2012", "resnet50"], "unknown model 'resnet50'; known models: alexnet,"),
+        ("train", "models", ["alexnet2012", "resnet51"], "unknown model 'resnet51'; known models: alexnet,"),
         ("train", "models", [], "train.models is empty"),
         ("train", "resolution", 40, "train.resolution=40 is below alexnet2012's minimum input size"),
         ("train", "momentum", 1.5, "train.momentum: Input should be less than 1"),

@@ -17,7 +17,7 @@ from pipeline.ensemble import EnsembleError, best_member, load_member, member_se
 from pipeline.runs import RESULT_MARKER, RESULT_WEIGHTS
 from pipeline.storage import Location
 from pipeline.training import run_store
-from tests.conftest import training_overrides, without_ray_address, write_params
+from tests.conftest import FAST_MODEL, training_overrides, without_ray_address, write_params
 from tests.test_training import end_tree, wait_for
 
 MEMBERS = 3
@@ -25,7 +25,7 @@ MEMBERS = 3
 
 def ensemble_overrides(folder, **ensemble):
     return training_overrides(folder) | {
-        "ensemble": {"members": MEMBERS, "epochs": 1, "max_concurrent": 2, **ensemble}
+        "ensemble": {"model": FAST_MODEL, "members": MEMBERS, "epochs": 2, "max_concurrent": 2, **ensemble}
     }
 
 
@@ -91,7 +91,7 @@ def test_mlflow_parent_with_nested_members(ensemble_run):
     assert sorted(int(child.data.tags["seed"]) for child in children) == sorted(seeds)
     for child in children:
         assert child.info.status == "FINISHED"
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_top1_error")] == [0]
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_top1_error")] == [0, 1]
     best = client.get_model_version_by_alias(params.mlflow.registered_model, "best")
     registered = next(child for child in children if child.info.run_id == best.run_id)
     errors = ensemble_run["summary"]["member_top1_error"]

@@ -22,7 +22,10 @@ from pipeline.image_tree import DataError
 from pipeline.runs import RAY_SNAPSHOT
 from pipeline.storage import Location
 from pipeline.training import train_model
-from tests.conftest import training_overrides, without_ray_address, write_params
+from tests.conftest import FAST_MODEL, training_overrides, without_ray_address, write_params
+
+# Long enough that a kill reliably lands while the run still trains, short with LeNet-5.
+KILL_EPOCHS = 12
 
 EPOCH_METRICS = ["train_loss", "train_top1_error", "val_top1_error", "val_top5_error", "lr",
                  "images_per_s", "epoch_time_s", "data_wait_share"]
@@ -56,10 +59,11 @@ def registered_checkpoint(folder: Path) -> bool:
 
 
 def train_workers(started_after: float) -> list[psutil.Process]:
-    """A run's workers; the start time leaves out an earlier run's workers that Ray has not reaped yet."""
+    """A run's live workers; the start time leaves out an earlier run's workers that Ray has not reaped."""
     found = []
-    for process in psutil.process_iter(["cmdline", "create_time"]):
-        if "RayTrainWorker" in " ".join(process.info["cmdline"] or []) and process.info["create_time"] >= started_after:
+    for process in psutil.process_iter(["cmdline", "create_time", "status"]):
+        if ("RayTrainWorker" in " ".join(process.info["cmdline"] or []) and process.info["create_time"] >= started_after
+                and process.info["status"] != psutil.STATUS_ZOMBIE):
             found.append(process)
     return found
 
@@ -99,7 +103,7 @@ def test_mlflow_holds_the_run(trained_run):
 
 
 def test_worker_killed_mid_epoch_is_restarted_and_resumes(tmp_path, ray_cluster, digits_betons):
-    _, params = write_params(tmp_path, training_overrides(tmp_path, ray={"max_failures": 2}))
+    _, params = write_params(tmp_path, training_overrides(tmp_path, ray={"max_failures": 2}, epochs=KILL_EPOCHS))
     killed: dict = {}
     started = time.time()
 
@@ -114,18 +118,19 @@ def test_worker_killed_mid_epoch_is_restarted_and_resumes(tmp_path, ray_cluster,
 
     killer = threading.Thread(target=kill_a_worker_in_the_second_epoch)
     killer.start()
-    metrics = train_model(params, "alexnet2012", Location.local(digits_betons), Location.local(tmp_path / "out"))
+    metrics = train_model(params, FAST_MODEL, Location.local(digits_betons), Location.local(tmp_path / "out"))
     killer.join()
     assert len(killed["group"]) == 2
     assert not killed["victim"].is_running()
-    assert killed["epochs_done"] < 3, "the worker must die while training still runs"
+    assert killed["epochs_done"] < KILL_EPOCHS, "the worker must die while training still runs"
 
-    assert metrics["epochs"] == 3
-    assert [row["epoch"] for row in _history(tmp_path / "out")] == [0, 1, 2]
+    every_epoch = list(range(KILL_EPOCHS))
+    assert metrics["epochs"] == KILL_EPOCHS
+    assert [row["epoch"] for row in _history(tmp_path / "out")] == every_epoch
     client, runs = mlflow_runs(tmp_path)
     assert [run.info.status for run in runs] == ["FINISHED"]
     for metric in EPOCH_METRICS:
-        assert steps(client, runs[0].info.run_id, metric) == [0, 1, 2], f"{metric} lost or repeated an epoch"
+        assert steps(client, runs[0].info.run_id, metric) == every_epoch, f"{metric} lost or repeated an epoch"
 
 
 def start_stage(params: Path, data: Path, out: Path, log: Path, home: Path | None = None) -> subprocess.Popen:
@@ -133,7 +138,7 @@ def start_stage(params: Path, data: Path, out: Path, log: Path, home: Path | Non
     env = without_ray_address() | ({"PIPELINE_HOME": str(home)} if home else {})
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "stages.train", "--params", str(params), "--model", "alexnet2012",
+        [sys.executable, "-m", "stages.train", "--params", str(params), "--model", FAST_MODEL,
          "--data", str(data), "--out", str(out)],
         cwd=PROJECT_ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env,
     )
@@ -160,15 +165,15 @@ def test_killed_driver_resumes_in_the_moved_project(tmp_path, digits_betons):
     epoch, moved, and run again from its new place: the run resumes at epoch 2 and continues its MLflow run."""
     first = tmp_path / "first"
     shutil.copytree(digits_betons, first / "data" / "beton")
-    overrides = training_overrides(first)
+    overrides = training_overrides(first, epochs=KILL_EPOCHS)
     overrides["ray"]["storage_path"] = "ray_results"
     overrides["mlflow"]["tracking_uri"] = None
     params, _ = write_params(first, overrides)
     stage = start_stage(params, first / "data" / "beton", first / "out", tmp_path / "first.log", home=first)
     try:
-        wait_for(lambda: len(checkpoints(first)) >= 1, 400, "the first epoch's checkpoint")
+        wait_for(lambda: registered_checkpoint(first), 400, "the first epoch's checkpoint")
         client, runs = mlflow_runs(first)
-        wait_for(lambda: steps(client, runs[0].info.run_id, "val_top1_error") == [0], 60, "epoch 0 in MLflow")
+        wait_for(lambda: steps(client, runs[0].info.run_id, "val_top1_error"), 60, "an epoch in MLflow")
     finally:
         end_tree(stage)  # SIGKILL: no handler runs, the MLflow run stays RUNNING
     assert mlflow_runs(first)[1][0].info.status == "RUNNING"
@@ -177,20 +182,20 @@ def test_killed_driver_resumes_in_the_moved_project(tmp_path, digits_betons):
     shutil.move(first, moved)
     log = finish(start_stage(moved / "params.yaml", moved / "data" / "beton", moved / "out",
                              tmp_path / "second.log", home=moved), tmp_path / "second.log")
-    assert "Resuming alexnet2012-" in log
-    assert "epoch 1/3" not in log and "epoch 2/3" in log and "epoch 3/3" in log
+    assert f"Resuming {FAST_MODEL}-" in log
+    assert f"epoch 1/{KILL_EPOCHS} " not in log and f"epoch {KILL_EPOCHS}/{KILL_EPOCHS} " in log
     client, runs = mlflow_runs(moved)
     assert [run.info.status for run in runs] == ["FINISHED"], "the rerun must continue the same MLflow run"
     for metric in EPOCH_METRICS:
-        assert steps(client, runs[0].info.run_id, metric) == [0, 1, 2], metric
-    assert [row["epoch"] for row in _history(moved / "out")] == [0, 1, 2]
+        assert steps(client, runs[0].info.run_id, metric) == list(range(KILL_EPOCHS)), metric
+    assert [row["epoch"] for row in _history(moved / "out")] == list(range(KILL_EPOCHS))
     assert runs[0].info.artifact_uri.startswith((moved / "mlartifacts").as_uri())
     assert list((moved / "mlartifacts").glob("**/MLmodel")), "the model lands in the moved project"
     assert not checkpoints(moved) and not (tmp_path / "first").exists()
 
 
 def test_sigterm_marks_the_run_killed_and_it_resumes_into_another_tracking_store(tmp_path, digits_betons):
-    params, _ = write_params(tmp_path, training_overrides(tmp_path))
+    params, _ = write_params(tmp_path, training_overrides(tmp_path, epochs=KILL_EPOCHS))
     stage = start_stage(params, digits_betons, tmp_path / "out", tmp_path / "stage.log")
     try:
         wait_for(lambda: registered_checkpoint(tmp_path), 400, "the first epoch's checkpoint")
@@ -205,15 +210,15 @@ def test_sigterm_marks_the_run_killed_and_it_resumes_into_another_tracking_store
     # Another store (a new tracking server, a renamed experiment): the checkpoints decide, the run
     # resumes, and the new store's run starts with the epochs already done.
     other = tmp_path / "other"
-    overrides = training_overrides(tmp_path)
+    overrides = training_overrides(tmp_path, epochs=KILL_EPOCHS)
     overrides["mlflow"]["tracking_uri"] = f"sqlite:///{other / 'mlflow.db'}"
     changed, _ = write_params(other, overrides)
     log = finish(start_stage(changed, digits_betons, tmp_path / "out", tmp_path / "again.log"), tmp_path / "again.log")
-    assert "Resuming alexnet2012-" in log and "epoch 1/3" not in log
+    assert f"Resuming {FAST_MODEL}-" in log and f"epoch 1/{KILL_EPOCHS} " not in log
     client, runs = mlflow_runs(other)
     assert [run.info.status for run in runs] == ["FINISHED"]
     for metric in EPOCH_METRICS:
-        assert steps(client, runs[0].info.run_id, metric) == [0, 1, 2], metric
+        assert steps(client, runs[0].info.run_id, metric) == list(range(KILL_EPOCHS)), metric
     assert [run.info.status for run in mlflow_runs(tmp_path)[1]] == ["KILLED"]
     assert not checkpoints(tmp_path)
 
@@ -240,12 +245,12 @@ def test_bad_data_is_refused_before_ray_starts(tmp_path, digits_betons):
     _, params = write_params(tmp_path, training_overrides(tmp_path))
     out = Location.local(tmp_path / "out")
     with pytest.raises(DataError, match=r"nowhere/dataset.json: not found; run the preprocess stage"):
-        train_model(params, "alexnet2012", Location.local(tmp_path / "nowhere"), out)
+        train_model(params, FAST_MODEL, Location.local(tmp_path / "nowhere"), out)
     changed = tmp_path / "changed"
     shutil.copytree(digits_betons, changed)
     (changed / "train.beton").write_bytes(b"not the file dataset.json describes")
     with pytest.raises(DataError, match=r"changed/train.beton: \d+ bytes where .* records .*changed since"):
-        train_model(params, "alexnet2012", Location.local(changed), out)
+        train_model(params, FAST_MODEL, Location.local(changed), out)
     assert not (tmp_path / "mlflow.db").exists()
 
 

@@ -21,7 +21,6 @@ from pipeline.image_tree import SPLITS, DataError
 
 FORMAT = 1
 FILE_NAME = "dataset.json"
-HASH_CHUNK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -89,11 +88,8 @@ class Dataset:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as file:
-        while chunk := file.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _beton_file(folder: Path, entry: dict) -> BetonFile:

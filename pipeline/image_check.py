@@ -48,6 +48,7 @@ from PIL import Image, UnidentifiedImageError
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 JPEG_EXTENSIONS = frozenset({".jpg", ".jpeg"})
 # Reseeded for every draw: np.random.seed's generator, without the ~0.1 ms a new RandomState costs.
+# One per process; each worker process calls store_images from one thread.
 _PROPORTION_DRAWS = np.random.RandomState()
 
 

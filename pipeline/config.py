@@ -43,12 +43,23 @@ class DataParams(Section):
 class PreprocessParams(Section):
     write_mode: Literal["raw", "jpg", "smart", "proportion"]
     max_resolution: int = Field(ge=16)
+    # Defaults to null (only shrink, the behaviour before it existed) for params built without it.
+    short_side: int | None = Field(default=None, ge=16)
     compress_probability: float = Field(ge=0, le=1)
     jpeg_quality: int = Field(ge=1, le=100)
     smart_threshold: int = Field(gt=0)
-    num_workers: int = Field(ge=1)
+    num_workers: int | None = Field(ge=1)  # null: every core
     max_skipped_fraction: float = Field(ge=0, le=1)
     seed: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _short_side_fits_max_resolution(self) -> PreprocessParams:
+        if self.short_side is not None and self.short_side > self.max_resolution:
+            raise ValueError(
+                f"preprocess.short_side={self.short_side} exceeds preprocess.max_resolution={self.max_resolution}: "
+                "the long side is capped at max_resolution, so no image could get that short side"
+            )
+        return self
 
 
 class TrainRecipe(Section):

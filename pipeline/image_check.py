@@ -1,17 +1,37 @@
-"""Open, fully decode, check and convert image files into what an FFCV RGBImageField stores.
+"""Image files -> the samples a .beton's image field stores: each file decoded once, checked,
+converted to RGB uint8, resized, and stored as JPEG or raw pixels.
 
-FFCV's writer processes hang the whole write when one of them raises (see STACK_NOTES), so every
-file goes through load_rgb first; what comes out is always a C-contiguous uint8 H x W x 3 array whose
-long side is at most max_resolution. What it does with each kind of file:
+This runs in the preprocess stage's worker processes (pipeline/beton.py), so it imports neither
+FFCV nor torch: a spawned worker would spend seconds importing them (FFCV: ~4 s on the 2-core VM).
+
+Decoding and conversion (load_rgb), to a C-contiguous uint8 H x W x 3 array:
   RGB                                   kept as is
   L, LA, RGBA, P, PA, CMYK, 1, ...      converted to RGB with PIL's convert("RGB"), the conversion
                                         torchvision's ImageFolder loader uses (alpha is dropped)
   16-bit grey (I;16*, I)                scaled to 8 bits (value // 257), then grey -> RGB
   a format other than its extension     kept (e.g. PNG bytes named .JPEG, as one ILSVRC-2012 train image)
-  empty, not an image, truncated or     unusable: UnusableImage with the reason; the caller skips it
+  empty, not an image, truncated or     unusable: UnusableImage with the reason; the stage skips it
   any other decoding failure
-Larger images are resized with OpenCV's INTER_AREA (FFCV's own resizer) so that the long side equals
-max_resolution exactly; FFCV's resizer then has nothing left to do.
+
+Resizing (preprocess.short_side, preprocess.max_resolution; the aspect ratio is kept):
+  short_side null   only shrink: an image whose long side exceeds max_resolution gets exactly that
+                    long side; smaller images are stored as they are
+  short_side S      the short side becomes S, up or down (AlexNet's and torchvision's ImageNet recipe:
+                    256), unless the long side would then exceed max_resolution: then the long side
+                    is max_resolution and the short side less than S. So extreme aspect ratios are
+                    stored letterbox-thin: with S 256 and max_resolution 512, a 4:1 panorama becomes
+                    512 x 128 (and the validation centre crop sees only its middle).
+Shrinking uses OpenCV's INTER_AREA, FFCV's own resizer. Enlarging uses INTER_LINEAR: bilinear is the
+filter of torchvision's Resize(256), the recipe the 256 comes from; INTER_CUBIC would add overshoot
+halos at edges that an image enlarged 2x or more makes visible, for no gain to a model that then
+crops and rescales it again. The stored sides are rounded so that the side being set is exact.
+
+Storing (store_images): what FFCV 1.0.2's RGBImageField.encode does (ffcv/fields/rgb_image.py) with
+the pixels, so the .beton reads as if that field had written it: write_mode "raw" stores the pixels,
+"jpg" a JPEG (OpenCV's encoder at jpeg_quality, from BGR, as FFCV's encode_jpeg), "smart" a JPEG
+when the raw pixels exceed smart_threshold bytes, "proportion" a JPEG with probability
+compress_probability. That draw comes from np.random seeded with (seed, the file's position in its
+manifest), so it does not depend on which process stores the file or on other files being skipped.
 """
 
 from __future__ import annotations
@@ -19,34 +39,59 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
-from multiprocessing import get_context
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 JPEG_EXTENSIONS = frozenset({".jpg", ".jpeg"})
+# Reseeded for every draw: np.random.seed's generator, without the ~0.1 ms a new RandomState costs.
+# One per process; each worker process calls store_images from one thread.
+_PROPORTION_DRAWS = np.random.RandomState()
 
 
 class UnusableImage(Exception):
     """The file cannot be decoded into an image; str(error) is the reason."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: the stage keeps one per file (1.28 million for ILSVRC-2012)
 class ImageCheck:
     """What checking one file found."""
 
     skip_reason: str | None = None  # set when the file is unusable
     conversion: str | None = None  # set when the pixels were converted to RGB uint8
-    resized_from: tuple[int, int] | None = None  # (width, height) before shrinking to max_resolution
+    resized_from: tuple[int, int] | None = None  # (width, height) before resizing
 
 
-def load_rgb(path: Path, max_resolution: int) -> tuple[np.ndarray, ImageCheck]:
-    """Pixels of `path` as uint8 H x W x 3 with long side <= max_resolution; raises UnusableImage."""
+@dataclass(frozen=True)
+class ImageStorage:
+    """The preprocess params that decide a stored sample's bytes (see PreprocessParams)."""
+
+    max_resolution: int
+    short_side: int | None
+    write_mode: str
+    compress_probability: float
+    jpeg_quality: int
+    smart_threshold: int
+    seed: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredImage:
+    """One file's sample as the image field stores it, or (check.skip_reason set, no data) why it has none."""
+
+    check: ImageCheck
+    jpeg: bool = False  # data holds JPEG bytes, else the raw H x W x 3 pixels
+    width: int = 0
+    height: int = 0
+    data: bytes = b""
+
+
+def load_rgb(path: Path, max_resolution: int, short_side: int | None = None) -> tuple[np.ndarray, ImageCheck]:
+    """The pixels stored for `path` before any JPEG encoding: uint8 H x W x 3, converted and resized
+    by the rules of the module docstring. Raises UnusableImage."""
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -55,7 +100,7 @@ def load_rgb(path: Path, max_resolution: int) -> tuple[np.ndarray, ImageCheck]:
         raise UnusableImage("empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as image:
-            # load() decodes every pixel: truncated and corrupt files fail here, not in the writer.
+            # load() decodes every pixel: truncated and corrupt files fail here.
             image.load()
             pixels, conversion = _to_rgb(image)
             file_format = image.format
@@ -70,28 +115,39 @@ def load_rgb(path: Path, max_resolution: int) -> tuple[np.ndarray, ImageCheck]:
         named = f"{file_format} data named {path.suffix}"
         conversion = named if conversion is None else f"{named}; {conversion}"
     height, width = pixels.shape[:2]
-    resized_from = None
-    if max(height, width) > max_resolution:
-        resized_from = (width, height)
-        pixels = _shrink(pixels, max_resolution)
-    return pixels, ImageCheck(conversion=conversion, resized_from=resized_from)
+    size = _stored_size(width, height, max_resolution, short_side)
+    if size == (width, height):
+        return pixels, ImageCheck(conversion=conversion)
+    shrinking = size[0] * size[1] < width * height
+    pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    return pixels, ImageCheck(conversion=conversion, resized_from=(width, height))
 
 
-def check_image(path: Path, max_resolution: int) -> ImageCheck:
+def store_images(paths: Sequence[Path], first_position: int, storage: ImageStorage) -> list[StoredImage]:
+    """The stored sample of each path; paths[i] is at `first_position + i` in its manifest."""
+    return [_store_image(path, first_position + offset, storage) for offset, path in enumerate(paths)]
+
+
+def _store_image(path: Path, position: int, storage: ImageStorage) -> StoredImage:
     try:
-        return load_rgb(path, max_resolution)[1]
+        pixels, check = load_rgb(path, storage.max_resolution, storage.short_side)
     except UnusableImage as error:
-        return ImageCheck(skip_reason=str(error))
-
-
-def check_images(paths: Sequence[Path], max_resolution: int, workers: int, description: str) -> list[ImageCheck]:
-    """check_image for every path, in `workers` processes, with a progress bar; results in input order."""
-    check = partial(check_image, max_resolution=max_resolution)
-    # Spawned, not forked: a fork copies locks held by the caller's threads (Ray, torch, numba), and a
-    # forked worker once hung the pool's shutdown in the test process that runs Ray.
-    with get_context("spawn").Pool(workers) as pool:
-        results = pool.imap(check, paths, chunksize=16)
-        return list(tqdm(results, total=len(paths), desc=description, unit="img"))
+        return StoredImage(ImageCheck(skip_reason=str(error)))
+    height, width = pixels.shape[:2]
+    if storage.write_mode == "proportion":
+        _PROPORTION_DRAWS.seed([storage.seed, position])
+        as_jpeg = _PROPORTION_DRAWS.rand() < storage.compress_probability
+    elif storage.write_mode == "smart":
+        as_jpeg = pixels.nbytes > storage.smart_threshold
+    else:
+        as_jpeg = storage.write_mode == "jpg"
+    if not as_jpeg:
+        return StoredImage(check, jpeg=False, width=width, height=height, data=pixels.tobytes())
+    bgr = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
+    encoded, jpeg = cv2.imencode(".jpg", bgr, [int(cv2.IMWRITE_JPEG_QUALITY), storage.jpeg_quality])
+    if not encoded:
+        raise RuntimeError(f"{path}: OpenCV could not JPEG-encode its {width}x{height} pixels")
+    return StoredImage(check, jpeg=True, width=width, height=height, data=jpeg.tobytes())
 
 
 def _to_rgb(image: Image.Image) -> tuple[np.ndarray, str | None]:
@@ -103,12 +159,12 @@ def _to_rgb(image: Image.Image) -> tuple[np.ndarray, str | None]:
     return np.asarray(image.convert("RGB")), f"{image.mode} converted to RGB"
 
 
-def _shrink(pixels: np.ndarray, max_resolution: int) -> np.ndarray:
-    height, width = pixels.shape[:2]
-    scale = max_resolution / max(height, width)
-    # Integer sides computed so the long side is exactly max_resolution (scale * side can round down).
-    if width >= height:
-        size = (max_resolution, max(1, round(height * scale)))
+def _stored_size(width: int, height: int, max_resolution: int, short_side: int | None) -> tuple[int, int]:
+    long_side, short = max(width, height), min(width, height)
+    if short_side is not None and round(long_side * short_side / short) <= max_resolution:
+        new_long, new_short = round(long_side * short_side / short), short_side
+    elif short_side is not None or long_side > max_resolution:
+        new_long, new_short = max_resolution, max(1, round(short * max_resolution / long_side))
     else:
-        size = (max(1, round(width * scale)), max_resolution)
-    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+        return width, height
+    return (new_long, new_short) if width >= height else (new_short, new_long)

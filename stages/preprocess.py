@@ -1,5 +1,6 @@
-"""preprocess stage: check every image of the prepared manifests and write the FFCV files
-<out>/train.beton and <out>/val.beton, with a JSON report (a DVC metric); see pipeline/beton.py.
+"""preprocess stage: decode, check and encode every image of the prepared manifests into the FFCV
+files <out>/train.beton and <out>/val.beton, described by <out>/dataset.json, with a JSON report
+(a DVC metric); see pipeline/beton.py.
 
     python -m stages.preprocess --params params.yaml --prepared data/prepared --out data/beton \\
         --report reports/preprocess.json
@@ -13,13 +14,16 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.beton import preprocess
-from pipeline.config import load_params
-from pipeline.image_tree import SPLITS, read_prepared
 from stages import run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Imported here, not above: the stage's worker processes are spawned, and a spawned process
+    # imports the main module (this one) again; FFCV and the rest would cost each worker seconds.
+    from pipeline.beton import preprocess
+    from pipeline.config import load_params
+    from pipeline.image_tree import SPLITS, read_prepared
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
@@ -38,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             counts = report[split]
             print(
                 f"preprocess: {split}: {counts['images']} images ({counts['skipped']} skipped, "
-                f"{counts['converted']} converted), {counts['bytes'] / 2**20:.1f} MiB, "
-                f"{counts['images_per_s']:.0f} img/s"
+                f"{counts['converted']} converted, {counts['resized']} resized), "
+                f"{counts['bytes'] / 2**20:.1f} MiB, {counts['images_per_s']:.0f} img/s"
             )
 
     return run_stage(stage)

@@ -1,5 +1,6 @@
-"""The preprocess stage: every kind of bad image converted or skipped without hanging the FFCV writer,
-the skip threshold, byte-identical .beton files, and no .beton left behind by a killed run."""
+"""The preprocess stage: every kind of bad image converted or skipped without hanging, the skip
+threshold, the short-side resize, byte-identical .beton files in FFCV's own layout, dataset.json, and
+no .beton left behind by a killed run."""
 
 from __future__ import annotations
 
@@ -10,16 +11,22 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import yaml
+from ffcv.fields import IntField, RGBImageField
 from ffcv.reader import Reader
+from ffcv.writer import DatasetWriter
 from PIL import Image
 
-from pipeline.beton import preprocess, write_beton
+from pipeline.beton import preprocess, worker_pool, write_beton
 from pipeline.config import PROJECT_ROOT, DataParams, PreprocessParams
+from pipeline.dataset import Dataset
+from pipeline.image_check import load_rgb
 from pipeline.image_tree import DataError, prepare, read_tree
 from tests._trees import WNIDS, class_folder_tree, jpeg_bytes, write_photo
 
@@ -120,7 +127,7 @@ def test_odd_images_are_converted_or_skipped_and_reported(tmp_path, params_dict)
         elif name in converted:
             assert pixels.shape == (30, 40, 3)
             assert np.abs(pixels.astype(int) - converted[name]).max() <= 2, name
-    assert sorted(p.name for p in out.iterdir()) == ["train.beton", "val.beton"]
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "train.beton", "val.beton"]
 
 
 @pytest.mark.timeout(60)
@@ -129,7 +136,9 @@ def test_too_many_unusable_files_fail_the_split_and_write_nothing(tmp_path, para
     (root / "val" / WNIDS[0] / "broken.JPEG").write_bytes(b"")
     out = tmp_path / "beton"
 
-    with pytest.raises(DataError, match=r"^val: 1 of 4 files .*preprocess.max_skipped_fraction=0.2.*broken.JPEG"):
+    # val is written first and stops at its first file (broken.JPEG sorts first): 1 > 0.2 * 4.
+    with pytest.raises(DataError, match=r"^val: at least 1 of 4 files cannot be used \(found in the first 1\), "
+                                        r"above preprocess.max_skipped_fraction=0.2; nothing .*broken.JPEG"):
         preprocess(read_tree(root), out, preprocess_params(params_dict, max_skipped_fraction=0.2))
     assert not out.exists() or not list(out.iterdir())
 
@@ -141,12 +150,50 @@ def test_too_many_unusable_files_fail_the_split_and_write_nothing(tmp_path, para
 
 
 @pytest.mark.timeout(60)
-def test_an_image_that_fails_inside_the_writer_is_an_error_not_a_hang(tmp_path, params_dict):
+def test_an_unusable_file_given_straight_to_write_beton_is_skipped_or_an_error_never_a_hang(tmp_path, params_dict):
     good = write_photo(tmp_path / "good.JPEG", 1)
-    (tmp_path / "changed.JPEG").write_bytes(b"no longer an image")  # as if it changed after its check
+    (tmp_path / "changed.JPEG").write_bytes(b"no longer an image")  # as if it changed after prepare listed it
+    images, beton = [good, tmp_path / "changed.JPEG", good], tmp_path / "out.beton"
+
+    checks = write_beton(beton, images, [0, 1, 2], preprocess_params(params_dict, max_skipped_fraction=0.5))
+    assert [bool(check.skip_reason) for check in checks] == [False, True, False]
+    assert stored_labels(beton) == [0, 2]
+
+    with pytest.raises(DataError, match="changed.JPEG: not an image"):
+        write_beton(beton, images, [0, 1, 2], preprocess_params(params_dict, max_skipped_fraction=0.01))
+    assert not beton.exists()
+
+
+def spawned_children() -> set[int]:
+    """PIDs of this process's children that multiprocessing spawned (worker pools)."""
+    pids = set()
+    for child in psutil.Process().children():
+        try:
+            if "multiprocessing.spawn" in " ".join(child.cmdline()):
+                pids.add(child.pid)
+        except psutil.Error:  # it exited meanwhile
+            pass
+    return pids
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_process_that_dies_is_an_error_not_a_hang(tmp_path, params_dict):
+    images = [write_photo(tmp_path / f"{index}.JPEG", index, size=(320, 240)) for index in range(40)]
+    params = preprocess_params(params_dict, max_resolution=320)
     beton = tmp_path / "out.beton"
-    with pytest.raises(DataError, match="changed.JPEG"):
-        write_beton(beton, [good, tmp_path / "changed.JPEG", good], [0, 1, 2], preprocess_params(params_dict))
+    before = spawned_children()
+
+    with worker_pool(params) as pool, ThreadPoolExecutor(1) as caller:
+        # Pass the 40 images 20 times: the write lasts long enough to kill a worker in the middle.
+        writing = caller.submit(write_beton, beton, images * 20, list(range(800)), params, pool)
+        deadline = time.monotonic() + 60
+        while not (spawned_children() - before) and not writing.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        workers = spawned_children() - before
+        assert workers, "no worker process appeared"
+        os.kill(min(workers), signal.SIGKILL)
+        with pytest.raises(RuntimeError, match="a worker process died"):
+            writing.result(timeout=60)
     assert not beton.exists()
 
 
@@ -157,14 +204,16 @@ def test_beton_bytes_depend_only_on_inputs_and_params(tmp_path, params_dict):
     prepared = prepare(DataParams.model_validate(data), tmp_path / "prepared")
     params = preprocess_params(params_dict, write_mode="proportion", compress_probability=0.5, seed=7)
 
-    # Different worker counts change only the scheduling, never the bytes.
+    # Different worker counts change only the scheduling, never the bytes; null means every core.
     preprocess(prepared, tmp_path / "first", params)
     preprocess(prepared, tmp_path / "second", params.model_copy(update={"num_workers": 1}))
+    preprocess(prepared, tmp_path / "every_core", params.model_copy(update={"num_workers": None}))
     preprocess(prepared, tmp_path / "other_seed", params.model_copy(update={"seed": 8}))
 
     for split in ("train", "val"):
-        assert sha256(tmp_path / "first" / f"{split}.beton") == sha256(tmp_path / "second" / f"{split}.beton")
-        assert sha256(tmp_path / "first" / f"{split}.beton") != sha256(tmp_path / "other_seed" / f"{split}.beton")
+        runs = ("first", "second", "every_core", "other_seed")
+        hashes = {run: sha256(tmp_path / run / f"{split}.beton") for run in runs}
+        assert hashes["first"] == hashes["second"] == hashes["every_core"] != hashes["other_seed"]
     modes = Reader(str(tmp_path / "first" / "train.beton")).metadata["f0"]["mode"]
     assert 0.4 < (modes == 0).mean() < 0.6  # mode 0 = JPEG, drawn with compress_probability
 
@@ -189,7 +238,7 @@ def test_killed_stage_leaves_no_beton_and_a_rerun_succeeds(tmp_path, params_dict
     params_dict["preprocess"] |= {"write_mode": "jpg", "max_resolution": 320, "num_workers": 2}
     out = tmp_path / "beton"
 
-    # Its own session, so the kill reaches the checking and writing processes too.
+    # Its own session, so the kill reaches the worker processes too.
     stage = run_stage(tmp_path, params_dict, tmp_path / "prepared", out, start_new_session=True)
     partial = out / ".train.beton.partial"
     deadline = time.monotonic() + 120
@@ -198,13 +247,13 @@ def test_killed_stage_leaves_no_beton_and_a_rerun_succeeds(tmp_path, params_dict
     os.killpg(stage.pid, signal.SIGKILL)
     stage.wait()
     assert stage.returncode == -signal.SIGKILL, "the stage finished before it could be killed mid-write"
-    assert not (out / "train.beton").exists() and not (out / "val.beton").exists()
+    assert not any((out / name).exists() for name in ("train.beton", "val.beton", "dataset.json"))
     assert not (tmp_path / "report.json").exists()
 
     rerun = run_stage(tmp_path, params_dict, tmp_path / "prepared", out)
     _, stderr = rerun.communicate()
     assert rerun.returncode == 0, stderr
-    assert sorted(p.name for p in out.iterdir()) == ["train.beton", "val.beton"]
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "train.beton", "val.beton"]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["train"]["images"] == 300 and report["val"]["images"] == 4
     assert len(stored_labels(out / "train.beton")) == 300
@@ -221,3 +270,88 @@ def test_page_size_grows_with_max_resolution(tmp_path, params_dict):
 
     with pytest.raises(DataError, match="preprocess.max_resolution=30000"):
         write_beton(tmp_path / "huge.beton", [large], [0], preprocess_params(params_dict, max_resolution=30_000))
+
+
+@pytest.mark.timeout(60)
+def test_short_side_resizes_up_or_down_and_the_long_side_stays_capped(tmp_path, params_dict):
+    sizes = {"photo": (500, 375), "small": (200, 150), "panorama": (1000, 100), "portrait": (375, 500)}
+    images = [write_photo(tmp_path / f"{name}.JPEG", seed, size) for seed, (name, size) in enumerate(sizes.items())]
+    params = preprocess_params(params_dict, write_mode="raw", max_resolution=512, short_side=256)
+
+    write_beton(tmp_path / "out.beton", images, [0, 1, 2, 3], params)
+
+    stored = [stored_pixels(tmp_path / "out.beton", index) for index in range(len(images))]
+    # (width, height): 500 * 256 / 375 = 341.3; the panorama's long side would be 2,560, so it is capped.
+    assert [(pixels.shape[1], pixels.shape[0]) for pixels in stored] == [(341, 256), (341, 256), (512, 51), (256, 341)]
+    # load_rgb gives exactly the stored pixels (what a prediction on a new image must see).
+    for path, pixels in zip(images, stored):
+        assert np.array_equal(load_rgb(path, max_resolution=512, short_side=256)[0], pixels)
+    checks = [load_rgb(path, 512, 256)[1] for path in images]
+    assert [check.resized_from for check in checks] == list(sizes.values())
+
+    # Without short_side only images over max_resolution shrink, so the long side is exact.
+    shapes = [load_rgb(path, 400)[0].shape for path in images]
+    assert shapes == [(300, 400, 3), (150, 200, 3), (40, 400, 3), (400, 300, 3)]
+
+    with pytest.raises(ValueError, match="short_side=300 exceeds preprocess.max_resolution=256"):
+        preprocess_params(params_dict, max_resolution=256, short_side=300)
+
+
+class PixelsOfLoadRgb:
+    """What FFCV's own DatasetWriter is fed to compare with: load_rgb's pixels, the global np.random
+    seeded per sample as image_check seeds its write_mode "proportion" draw."""
+
+    def __init__(self, images: list[Path], params: PreprocessParams):
+        self.images, self.params = images, params
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        np.random.seed([self.params.seed, index])
+        return load_rgb(self.images[index], self.params.max_resolution, self.params.short_side)[0], index
+
+
+@pytest.mark.timeout(60)
+def test_the_beton_is_byte_for_byte_what_ffcvs_own_writer_writes(tmp_path, params_dict):
+    # Sizes that fill pages unevenly (page: 2 MiB; a 120 x 90 raw sample is 32 kB) and need resizing.
+    images = [write_photo(tmp_path / f"{index}.JPEG", index, size=(100 + index % 7 * 13, 70 + index % 5 * 11))
+              for index in range(90)]
+    params = preprocess_params(params_dict, write_mode="proportion", max_resolution=120, short_side=90, seed=3)
+    fields = {
+        "image": RGBImageField(write_mode="proportion", max_resolution=120, jpeg_quality=params.jpeg_quality,
+                               compress_probability=params.compress_probability),
+        "label": IntField(),
+    }
+    ffcv_beton = tmp_path / "ffcv.beton"
+    writer = DatasetWriter(str(ffcv_beton), fields, page_size=2 << 20, num_workers=1)
+    writer.from_indexed_dataset(PixelsOfLoadRgb(images, params))
+
+    write_beton(tmp_path / "ours.beton", images, list(range(len(images))), params)
+
+    assert sha256(tmp_path / "ours.beton") == sha256(ffcv_beton)
+    modes = Reader(str(ffcv_beton)).metadata["f0"]["mode"]
+    assert 0 < modes.sum() < len(images)  # both raw and JPEG samples compared
+
+
+@pytest.mark.timeout(60)
+def test_dataset_json_describes_the_betons_and_keeps_classes_with_no_image(tmp_path, params_dict):
+    root = class_folder_tree(tmp_path / "tree", {"train": {WNIDS[0]: 3, WNIDS[1]: 2}, "val": {WNIDS[0]: 2}})
+    (root / "train" / WNIDS[2]).mkdir()
+    (root / "train" / WNIDS[2] / "only.JPEG").write_bytes(b"")  # the class's only image is unusable
+    prepared = read_tree(root)
+    params = preprocess_params(params_dict, max_skipped_fraction=0.5)
+
+    preprocess(prepared, tmp_path / "beton", params)
+
+    dataset = Dataset.read(tmp_path / "beton")
+    assert dataset.classes == prepared.classes == WNIDS and dataset.num_classes == 3
+    assert dataset.preprocess == params.model_dump()
+    for split, images in (("train", 5), ("val", 2)):
+        beton = dataset.files[split]
+        assert beton.path == tmp_path / "beton" / f"{split}.beton"
+        assert (beton.images, beton.bytes, beton.sha256) == (images, beton.path.stat().st_size, sha256(beton.path))
+        assert len(stored_labels(beton.path)) == images
+    written = json.loads((tmp_path / "beton" / "dataset.json").read_text())
+    assert written["format"] == 1 and written["splits"]["val"]["file"] == "val.beton"
+

@@ -13,14 +13,18 @@ import pytest
 import yaml
 
 import models
-from pipeline.config import PROJECT_ROOT, TrainRecipe, load_params
+from pipeline.config import PROJECT_ROOT, EnsembleParams, PreprocessParams, TrainRecipe, load_params
 from pipeline.runs import RunSpec
+from tests.conftest import FAST_MODEL
 
 DVC_YAML = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
 PROJECT_PACKAGES = ("pipeline", "models", "stages")
+# Runs the stage's main with its dvc.yaml arguments but a params file that does not exist, so it imports
+# what it imports before its work (some stages import inside main) and stops at reading the params.
 LIST_IMPORTS = """
-import importlib, json, pathlib, sys
-importlib.import_module(sys.argv[1])
+import contextlib, importlib, io, json, pathlib, sys
+with contextlib.redirect_stderr(io.StringIO()):
+    assert importlib.import_module(sys.argv[1]).main(sys.argv[2:]) == 2
 root = pathlib.Path.cwd().resolve()
 paths = {pathlib.Path(m.__file__).resolve() for m in list(sys.modules.values()) if getattr(m, "__file__", None)}
 print(json.dumps(sorted(str(p.relative_to(root)) for p in paths
@@ -36,9 +40,10 @@ def stage_definition(name: str) -> dict:
 @pytest.mark.parametrize("name", sorted(DVC_YAML))
 def test_each_stage_depends_on_every_project_module_it_imports(name):
     stage = stage_definition(name)
-    module = stage["cmd"].split("python -m ", 1)[1].split()[0]
-    imported = subprocess.run([sys.executable, "-c", LIST_IMPORTS, module], cwd=PROJECT_ROOT, check=True,
-                              capture_output=True, text=True).stdout
+    module, *arguments = stage["cmd"].replace("${item}", FAST_MODEL).split("python -m ", 1)[1].split()
+    arguments[arguments.index("--params") + 1] = "/nonexistent/params.yaml"
+    imported = subprocess.run([sys.executable, "-c", LIST_IMPORTS, module, *arguments], cwd=PROJECT_ROOT,
+                              check=True, capture_output=True, text=True).stdout
     declared = {dep for dep in stage["deps"] if dep.endswith(".py")}
     assert declared == set(json.loads(imported)), f"dvc.yaml stage {name}: deps differ from what {module} imports"
 
@@ -60,8 +65,14 @@ def test_training_stages_depend_on_exactly_what_names_a_run():
     recipe = {f"train.{key}" for key in keys_any_run_uses()}
     assert set(stage_definition("train")["params"]) == recipe | {"train.epochs", "train.seed"} | device_and_workers
     # Members have seeds and epochs of their own; max_concurrent says how many train at once, not what.
-    ensemble_keys = {f"ensemble.{key}" for key in load_params().ensemble.model_fields} - {"ensemble.max_concurrent"}
+    ensemble_keys = {f"ensemble.{key}" for key in EnsembleParams.model_fields} - {"ensemble.max_concurrent"}
     assert set(DVC_YAML["ensemble"]["params"]) == recipe | ensemble_keys | device_and_workers
+
+
+def test_preprocess_depends_on_the_settings_that_shape_the_files():
+    # The bytes are the same for any worker count; the skip threshold decides only whether the stage fails.
+    shaping = set(PreprocessParams.model_fields) - {"num_workers", "max_skipped_fraction"}
+    assert set(stage_definition("preprocess")["params"]) == {f"preprocess.{key}" for key in shaping}
 
 
 def test_no_stage_depends_on_tracking_or_fault_tolerance_settings():

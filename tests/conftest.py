@@ -130,3 +130,27 @@ def free_port() -> int:
 def without_ray_address() -> dict:
     """The environment for a stage subprocess that must start its own Ray, not join the tests' one."""
     return {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+
+
+def clean_copy(target: Path, params: dict) -> Path:
+    """What a fresh clone holds (the tracked files plus new ones git would add, none of the outputs),
+    committed to a git repository of its own, with `params` changed in its params.yaml."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=PROJECT_ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        source = PROJECT_ROOT / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    change_params(target, params)
+    for command in (["git", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "commit", "-qm", "copy"]):
+        subprocess.run(command, cwd=target, check=True)
+    return target
+
+
+def change_params(repo: Path, changes: dict) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in changes.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PROJECT_ROOT
-from tests.conftest import FAST_MODEL, FAST_RESOLUTION, without_ray_address
+from tests.conftest import FAST_MODEL, FAST_RESOLUTION, change_params, clean_copy, without_ray_address
 
 # LeNet-5 everywhere, so the time goes to DVC, Ray and MLflow rather than to convolutions.
 REDUCED = {
@@ -25,29 +24,6 @@ REDUCED = {
 }
 TRACKING_AND_FAULT_TOLERANCE = {"mlflow": {"experiment": "renamed"},
                                 "ray": {"max_failures": 5, "checkpoints_to_keep": 3, "storage_path": "elsewhere"}}
-
-
-def clean_copy(target: Path) -> Path:
-    """What a fresh clone holds: the tracked files plus new ones git would add, none of the outputs."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=PROJECT_ROOT,
-                            capture_output=True, text=True, check=True).stdout.split("\0")
-    for name in filter(None, listed):
-        source = PROJECT_ROOT / name
-        if source.is_file():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target / name)
-    change_params(target, REDUCED)
-    for command in (["git", "init", "-q"], ["git", "add", "-A"],
-                    ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "commit", "-qm", "copy"]):
-        subprocess.run(command, cwd=target, check=True)
-    return target
-
-
-def change_params(repo: Path, changes: dict) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in changes.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def dvc(repo: Path, *arguments: str, timeout: float = 1200) -> str:
@@ -73,7 +49,7 @@ def tracked_runs(repo: Path) -> list:
 
 @pytest.mark.timeout(2400)
 def test_dvc_repro_then_params_changes_rerun_only_what_they_shape(tmp_path):
-    repo = clean_copy(tmp_path / "repo")
+    repo = clean_copy(tmp_path / "repo", REDUCED)
     output = dvc(repo, "repro")
     assert ran(output) == {"prepare", "preprocess", f"train@{FAST_MODEL}", "ensemble"}
     assert f"Ensemble of 2 x {FAST_MODEL}" in output and "gain over mean member" in output

@@ -119,3 +119,19 @@ def test_job_without_a_home_is_refused_and_token_is_required(ray_head, project, 
     refused = run_in(project, README_JOB, without_token, address)
     assert refused.returncode != 0, "a client without the token must be refused"
     assert "token" in (refused.stdout + refused.stderr).lower()
+
+
+def test_the_upload_holds_code_and_params_not_weights_or_stores(project):
+    """What `ray job submit --working-dir .` packs, by Ray's own packaging code (.gitignore + .rayignore)."""
+    from zipfile import ZipFile
+
+    from ray._private.runtime_env.packaging import _zip_files
+
+    for stray in ("model.pt", "notes/scores.npz", "runs/mlflow.db", "outputs/x/model.pt", "ray_results/r/result.pt"):
+        (project / stray).parent.mkdir(parents=True, exist_ok=True)
+        (project / stray).write_bytes(b"x" * 1000)
+    package = project.parent / "package.zip"
+    _zip_files(str(project), [], str(package), include_gitignore=True)
+    names = ZipFile(package).namelist()
+    assert {"params.yaml", "dvc.yaml", "stages/train.py", "pipeline/runs.py", "models/lenet.py"} <= set(names)
+    assert not [name for name in names if name.endswith((".pt", ".npz", ".db", ".beton")) or name.startswith("data/")]

@@ -25,6 +25,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pipeline.config import RayParams
 from pipeline.errors import InputError
 from pipeline.storage import Location
+from pipeline.tracking import is_file_store
 
 # Ray Train's default wait for a worker group's resources (ray/train/v2/_internal/constants.py).
 WORKER_GROUP_START_TIMEOUT_S = 60.0
@@ -55,12 +56,12 @@ def device_name(params: RayParams) -> str:
     return "cuda" if params.use_gpu else "cpu"
 
 
-def check_nodes_reach(tracking_uri: str, file_store: bool, storage: Location, data: Location) -> None:
+def check_nodes_reach(tracking_uri: str, storage: Location, data: Location) -> None:
     """With several nodes: the tracking store, the run store and the data are reachable from each."""
     nodes = alive_nodes()
     if len(nodes) < 2:
         return
-    if file_store:
+    if is_file_store(tracking_uri):
         raise ClusterError(
             f"the cluster has {len(nodes)} nodes, and the MLflow store {tracking_uri} is a file on this node that "
             "the others cannot write: run an MLflow tracking server (mlflow server ...) and set "

@@ -117,6 +117,7 @@ class RayParams(Section):
     max_failures: int = Field(ge=0)
     keep_finished_runs: int | None = Field(ge=0)
     capacity_timeout_s: float = Field(gt=0)
+    local_data_cache: str | None
 
 
 class MlflowParams(Section):

@@ -57,25 +57,13 @@ class Dataset:
         """folder/dataset.json, with each file it lists checked by its size only (nothing is hashed)."""
         path = folder / FILE_NAME
         try:
-            description = json.loads(path.read_text())
+            text = path.read_text()
         except FileNotFoundError:
             raise DataError(f"{path}: not found; run the preprocess stage") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        except (OSError, UnicodeDecodeError) as error:
             raise DataError(f"{path}: unreadable ({error}); run the preprocess stage again") from None
-        written_format = description.get("format") if isinstance(description, dict) else None
-        if written_format != FORMAT:
-            raise DataError(
-                f"{path}: format {written_format!r}, this code reads format {FORMAT}; run the preprocess stage again"
-            )
-        try:
-            classes = [str(name) for name in description["classes"]]
-            files = {split: _beton_file(folder, description["splits"][split]) for split in SPLITS}
-            preprocess = dict(description["preprocess"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise DataError(
-                f"{path}: not as the preprocess stage writes it ({type(error).__name__}: {error}); run it again"
-            ) from None
-        for beton in files.values():
+        dataset = cls.parse(text, folder, source=str(path))
+        for beton in dataset.files.values():
             if not beton.path.is_file():
                 raise DataError(f"{beton.path}: missing, though {path} lists it; run the preprocess stage")
             size = beton.path.stat().st_size
@@ -84,6 +72,29 @@ class Dataset:
                     f"{beton.path}: {size} bytes where {path} records {beton.bytes}: changed since it was "
                     "written; run the preprocess stage"
                 )
+        return dataset
+
+    @classmethod
+    def parse(cls, text: str, folder: Path, source: str) -> Dataset:
+        """The description in `text` (read from `source`, named in errors), for files in `folder`, which
+        need not hold them yet (pipeline/local_data.py copies them there from a URI)."""
+        try:
+            description = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{source}: unreadable ({error}); run the preprocess stage again") from None
+        written_format = description.get("format") if isinstance(description, dict) else None
+        if written_format != FORMAT:
+            raise DataError(
+                f"{source}: format {written_format!r}, this code reads format {FORMAT}; run the preprocess stage again"
+            )
+        try:
+            classes = [str(name) for name in description["classes"]]
+            files = {split: _beton_file(folder, description["splits"][split]) for split in SPLITS}
+            preprocess = dict(description["preprocess"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise DataError(
+                f"{source}: not as the preprocess stage writes it ({type(error).__name__}: {error}); run it again"
+            ) from None
         return cls(folder=folder, classes=classes, files=files, preprocess=preprocess)
 
 

@@ -33,6 +33,7 @@ from pipeline.config import Params
 from pipeline.dataset import Dataset
 from pipeline.errors import InputError
 from pipeline.loaders import make_val_loader
+from pipeline.local_data import cache_root, describe, local_copy
 from pipeline.runs import RunResult, RunStore
 from pipeline.storage import Location
 from pipeline.train_loop import TrainJob
@@ -67,12 +68,12 @@ def member_seeds(first_seed: int, count: int) -> list[int]:
     return [int(child.generate_state(1)[0]) % 2**31 for child in children]
 
 
-def plan_members(params: Params, dataset: Dataset) -> list[Member]:
+def plan_members(params: Params, dataset: Dataset, data: Location) -> list[Member]:
     seeds = member_seeds(params.ensemble.first_seed, params.ensemble.members)
     return [
         Member(index, make_job(run_spec(params, params.ensemble.model, dataset, seed=seed,
                                         epochs=params.ensemble.epochs, num_workers=params.ensemble_workers),
-                               dataset, params, tracking_target=None))
+                               data, params, tracking_target=None))
         for index, seed in enumerate(seeds)
     ]
 
@@ -171,12 +172,13 @@ def evaluate_members(logits: torch.Tensor, labels: torch.Tensor, rule: str) -> t
 
 def run_ensemble(params: Params, data: Location, out: Location) -> dict:
     """The ensemble stage: returns the metrics it also writes to out/metrics.json."""
-    dataset = Dataset.read(data.local_path())
+    dataset = describe(data, cache_root(params.ray.local_data_cache))
     runs = run_store(params)
-    store = tracking.open_store(params.mlflow)
     # Before the MLflow run and its SIGTERM handler: ray.init installs a SIGTERM handler of its own.
     cluster.connect(params.ray)
-    members = plan_members(params, dataset)
+    cluster.check_nodes_reach(tracking.tracking_uri(params.mlflow), runs.root, data)
+    store = tracking.open_store(params.mlflow)
+    members = plan_members(params, dataset, data)
     digest = hashlib.sha256(json.dumps([m.name for m in members] + [params.ensemble.combine]).encode())
     name = f"ensemble-{params.ensemble.model}-{digest.hexdigest()[:12]}"
     tags = {"model": params.ensemble.model, "dvc_stage": "ensemble", "device": cluster.device_name(params.ray)}
@@ -186,7 +188,8 @@ def run_ensemble(params: Params, data: Location, out: Location) -> dict:
         train_members(members, runs, params)
         results = [load_member(member, runs) for member in members]  # refuses before any averaging
         networks = [load_model(member.job.spec, result) for member, result in zip(members, results)]
-        logits, labels = member_logits(networks, dataset, params.train.resolution)
+        logits, labels = member_logits(networks, local_copy(data, cache_root(params.ray.local_data_cache)),
+                                       params.train.resolution)
         summary, curve = evaluate_members(logits, labels, params.ensemble.combine)
         summary = {"model": params.ensemble.model, **summary}
         write_outputs(out, members, summary, curve)

@@ -21,8 +21,11 @@ from torch import nn
 
 import models
 from pipeline.config import TrainRecipe
+from pipeline.image_tree import DataError
 from pipeline.loaders import make_train_loader, make_val_loader
+from pipeline.local_data import local_copy
 from pipeline.runs import RunSpec
+from pipeline.storage import Location
 from pipeline.tracking import TrackingTarget, log_history
 
 CHECKPOINT_FILE = "state.pt"
@@ -34,8 +37,8 @@ class TrainJob:
     rank 0 logs while it trains (None: nobody does; ensemble members are logged by their driver)."""
 
     spec: RunSpec
-    train_beton: str
-    val_beton: str
+    data: Location  # the folder with dataset.json and the .beton files, local or a URI
+    data_cache: Path  # where a node keeps its copy of data given as a URI
     threads_per_worker: int
     tracking: TrackingTarget | None
 
@@ -76,6 +79,7 @@ def train_worker(loop_config: dict) -> None:
         scaler.load_state_dict(state["scaler"])
         start_epoch, history = state["epoch"] + 1, state["history"]
 
+    betons = node_local_betons(job)
     per_worker_batch = recipe.batch_size // world
     loader_options = dict(
         resolution=recipe.resolution,
@@ -87,10 +91,10 @@ def train_worker(loop_config: dict) -> None:
     )
     # The loader's shuffle is seeded by seed + epoch, so a resumed run replays the same order.
     train_loader = make_train_loader(
-        Path(job.train_beton), batch_size=per_worker_batch, seed=spec.seed, start_epoch=start_epoch,
+        betons["train"], batch_size=per_worker_batch, seed=spec.seed, start_epoch=start_epoch,
         crop_min_scale=recipe.crop_min_scale, pca_lighting_std=recipe.pca_lighting_std, **loader_options,
     )
-    val_loader = make_val_loader(Path(job.val_beton), batch_size=per_worker_batch, **loader_options)
+    val_loader = make_val_loader(betons["val"], batch_size=per_worker_batch, **loader_options)
     mlflow_client, system_metrics = _rank0_mlflow(job.tracking, rank)
     if mlflow_client:
         # A run resumed into a new or other MLflow store starts with the epochs its checkpoint has done.
@@ -147,6 +151,17 @@ def train_worker(loop_config: dict) -> None:
                 log_history(mlflow_client, job.tracking.run_id, history[-1:])
     if system_metrics:
         system_metrics.finish()
+
+
+def node_local_betons(job: TrainJob) -> dict[str, Path]:
+    """This node's .beton files (copied once per node when the data is a URI), checked to be the data
+    the run is named by."""
+    dataset = local_copy(job.data, job.data_cache)
+    found = {split: beton.sha256 for split, beton in dataset.files.items()}
+    if found != dict(job.spec.data_sha256):
+        raise DataError(f"{job.data}: holds other data than run {job.spec.name} was started on (dataset.json "
+                        "changed since): run the stage again")
+    return {split: beton.path for split, beton in dataset.files.items()}
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, recipe: TrainRecipe, epochs: int):

@@ -18,6 +18,7 @@ import torch
 from pipeline import cluster, tracking
 from pipeline.config import Params
 from pipeline.dataset import Dataset
+from pipeline.local_data import cache_root, describe
 from pipeline.locations import params_location
 from pipeline.runs import RunRecord, RunResult, RunSpec, RunStore
 from pipeline.storage import Location
@@ -27,11 +28,12 @@ from pipeline.trainer import fit
 
 def train_model(params: Params, model_name: str, data: Location, out: Location) -> dict:
     """The train stage: returns the metrics it also writes to out/metrics.json."""
-    dataset = Dataset.read(data.local_path())  # before Ray starts: bad data costs seconds, not a cluster
+    dataset = describe(data, cache_root(params.ray.local_data_cache))  # bad data costs seconds, not a cluster
     runs = run_store(params)
-    store = tracking.open_store(params.mlflow)
     # Before the MLflow run and its SIGTERM handler: ray.init installs a SIGTERM handler of its own.
     cluster.connect(params.ray)
+    cluster.check_nodes_reach(tracking.tracking_uri(params.mlflow), runs.root, data)
+    store = tracking.open_store(params.mlflow)
     spec = run_spec(params, model_name, dataset, seed=params.train.seed, epochs=params.train.epochs,
                     num_workers=params.ray.num_workers)
     record = runs.record(spec.name)
@@ -48,7 +50,7 @@ def train_model(params: Params, model_name: str, data: Location, out: Location) 
                 result = record.load_result()
             else:
                 target = tracking.TrackingTarget(store.uri, run.id, params.mlflow.system_metrics)
-                result = fit(make_job(spec, dataset, params, target), runs, params.ray)
+                result = fit(make_job(spec, data, params, target), runs, params.ray)
             metrics = publish(out, spec, result)
             if not finished:
                 record.save_result(result, spec.identity(), metrics)
@@ -75,9 +77,9 @@ def run_spec(params: Params, model: str, dataset: Dataset, *, seed: int, epochs:
     )
 
 
-def make_job(spec: RunSpec, dataset: Dataset, params: Params, tracking_target: tracking.TrackingTarget | None) -> TrainJob:
+def make_job(spec: RunSpec, data: Location, params: Params, tracking_target: tracking.TrackingTarget | None) -> TrainJob:
     return TrainJob(
-        spec=spec, train_beton=str(dataset.files["train"].path), val_beton=str(dataset.files["val"].path),
+        spec=spec, data=data, data_cache=cache_root(params.ray.local_data_cache),
         threads_per_worker=max(1, int(params.ray.cpus_per_worker)), tracking=tracking_target,
     )
 

@@ -39,7 +39,7 @@ def ensemble_run(tmp_path_factory, ray_cluster, digits_betons):
 
 
 def result_markers(params, data) -> list[dict]:
-    members = plan_members(params, Dataset.read(data))
+    members = plan_members(params, Dataset.read(data), Location.local(data))
     return [run_store(params).record(m.name).marker() for m in members]
 
 
@@ -118,7 +118,7 @@ def test_member_seeds_are_independent_of_the_member_count():
 def test_refuses_missing_or_unreadable_members(ensemble_run, digits_betons, tmp_path):
     shutil.copytree(ensemble_run["folder"] / "ray_results", tmp_path / "ray_results")
     _, params = write_params(tmp_path, ensemble_overrides(tmp_path))
-    members = plan_members(params, Dataset.read(digits_betons))
+    members = plan_members(params, Dataset.read(digits_betons), Location.local(digits_betons))
     runs = run_store(params)
     for member in members:
         load_member(member, runs)  # the copy loads as it is

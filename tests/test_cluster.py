@@ -14,13 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PROJECT_ROOT
 from pipeline.runs import RAY_SNAPSHOT, RESULT_MARKER, RESULT_WEIGHTS
 from pipeline.storage import Location
 from tests.cluster import LocalCluster, mlflow_server, s3_server, wait_until
-from tests.conftest import FAST_MODEL, training_overrides, write_params
+from tests.conftest import FAST_MODEL, FAST_RESOLUTION, clean_copy, training_overrides, write_params
 
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
 LONG_RUN_EPOCHS = 12
@@ -144,6 +145,41 @@ def test_ensemble_members_spread_over_both_nodes(cluster, tracking, tmp_path, di
     assert [run.info.status for run in parents] == ["FINISHED"] and len(runs) == 3
 
 
+# The README's commands for the whole pipeline as one Ray job, as written (the test's head and tracking
+# server listen on other ports than the README's).
+README_PIPELINE_JOB = """ray job submit --address http://127.0.0.1:8265 \\
+    --runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "http://HEAD_IP:5000"}}' -- "cd $PWD && dvc repro\""""
+README_AFTERWARDS = "dvc metrics show && dvc plots show"
+
+
+@pytest.mark.timeout(1200)
+def test_the_whole_pipeline_as_one_job_lands_in_the_project(cluster, tracking, tmp_path):
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    assert README_PIPELINE_JOB in readme and README_AFTERWARDS in readme
+    project = clean_copy(tmp_path / "project", {
+        "train": {"models": [FAST_MODEL], "epochs": 2, "resolution": FAST_RESOLUTION},
+        "ensemble": {"model": FAST_MODEL, "members": 2, "epochs": 1, "num_workers": 1},
+        "mlflow": {"experiment": "pipeline-job"},
+    })
+    command = README_PIPELINE_JOB.replace("127.0.0.1:8265", cluster.dashboard.removeprefix("http://"))
+    command = command.replace("http://HEAD_IP:5000", tracking)
+    job = subprocess.run(["bash", "-c", command], cwd=project, env=cluster.env, capture_output=True, text=True,
+                         timeout=1100)
+    assert job.returncode == 0, job.stdout + job.stderr
+    # Afterwards the project has what a local `dvc repro` leaves: the lock file, metrics, plots ...
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert set(lock) == {"prepare", "preprocess", f"train@{FAST_MODEL}", "ensemble"}
+    shown = subprocess.run(["bash", "-c", README_AFTERWARDS], cwd=project, env=cluster.env, capture_output=True,
+                           text=True, timeout=300)
+    assert shown.returncode == 0 and "val_top1_error" in shown.stdout, shown.stdout + shown.stderr
+    assert (project / "dvc_plots" / "index.html").is_file()
+    assert list(project.glob(f"ray_results/{FAST_MODEL}-*/{RESULT_MARKER}"))
+    # ... and its MLflow runs are at the tracking server, none in a file store of the project.
+    stages = {run.data.tags["dvc_stage"] for run in tracked(tracking, "pipeline-job")}
+    assert stages == {f"train@{FAST_MODEL}", "ensemble"}
+    assert not (project / "mlflow.db").exists()
+
+
 def train_in_background(cluster, params: Path, tmp_path: Path) -> tuple[threading.Thread, dict]:
     outcome: dict = {}
 
@@ -209,3 +245,4 @@ def test_without_a_replacement_the_run_fails_clearly_and_keeps_its_checkpoints(c
     assert [run.info.status for run in tracked(tracking, "no-capacity")] == ["FAILED"]
     assert list((tmp_path / "ray_results").glob(f"*/{RAY_SNAPSHOT}")), "the checkpoints are kept to resume from"
     assert list((tmp_path / "ray_results").glob("*/checkpoint_*"))
+

@@ -114,3 +114,8 @@ def test_stage_refuses_bad_params_before_any_work(tmp_path, params_dict, stage):
     assert "train.lr: Input should be greater than 0" in result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("path", sorted(PROJECT_ROOT.glob("params*.yaml")), ids=lambda path: path.name)
+def test_every_shipped_params_file_is_valid(path):
+    load_params(path)

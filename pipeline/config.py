@@ -97,11 +97,30 @@ class TrainRecipe(Section):
         return self
 
 
+Protocol = Literal["center", "center_mirror", "ten_crop", "multi_scale"]
+
+
+class EvaluateParams(Section):
+    protocols: list[Protocol] = Field(min_length=1)
+    scales: list[int] = Field(min_length=1)
+    batch_size: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _protocols_once(self) -> EvaluateParams:
+        if len(set(self.protocols)) != len(self.protocols):
+            raise ValueError(f"evaluate.protocols lists a protocol twice: {self.protocols}")
+        if any(scale < 224 for scale in self.scales):
+            raise ValueError(f"evaluate.scales={self.scales}: each is a side relative to a 224-pixel crop, at least 224")
+        return self
+
+
 class EnsembleParams(Section):
     model: str
-    members: int = Field(ge=2)
+    members: int = Field(ge=1)
     first_seed: int = Field(ge=0)
     epochs: int = Field(gt=0)
+    include: list[str]
+    protocol: Protocol
     combine: Literal["softmax", "logits"]
     num_workers: int | None = Field(ge=1)
     max_concurrent: int | None = Field(ge=1)
@@ -132,6 +151,7 @@ class Params(Section):
     data: DataParams
     preprocess: PreprocessParams
     train: TrainRecipe
+    evaluate: EvaluateParams
     ensemble: EnsembleParams
     ray: RayParams
     mlflow: MlflowParams
@@ -151,6 +171,15 @@ class Params(Section):
                     f"{workers}: the global batch is split evenly across the workers"
                 )
         _check_model(self.ensemble.model, self.train.resolution, "ensemble.model")
+        for name in self.ensemble.include:
+            if name not in self.train.models:
+                raise ValueError(f"ensemble.include: {name!r} is not in train.models {self.train.models}: only "
+                                 "models the train stage trains (and the evaluate stage scores) can join")
+        if self.ensemble.include and self.ensemble.protocol not in self.evaluate.protocols:
+            raise ValueError(f"ensemble.protocol={self.ensemble.protocol!r} is not in evaluate.protocols "
+                             f"{self.evaluate.protocols}: the included models' scores come from the evaluate stage")
+        if self.ensemble.members + len(self.ensemble.include) < 2:
+            raise ValueError("ensemble.members + len(ensemble.include) must be at least 2: an ensemble combines models")
         return self
 
 

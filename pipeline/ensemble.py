@@ -1,11 +1,15 @@
-"""The ensemble stage: N members of one model trained side by side as Ray Tune trials, then combined.
+"""The ensemble stage: N members of one model trained side by side as Ray Tune trials, scored, and
+combined with the evaluated scores of any models the train stage trained (ensemble.include).
 
 Each member is a training run like the train stage's (pipeline/runs.py), with a seed of its own drawn
 from numpy's SeedSequence(ensemble.first_seed).spawn: member i's seed is independent of the others'
 and of the member count, so raising ensemble.members trains only the new members. A member whose run
-has finished is reused; one that was cut short resumes from its checkpoints. A finished member keeps
-only its result (weights and history) in the run store. Members do not write to MLflow while they train
-(several at once would contend for the SQLite store); the driver logs them as nested runs at the end.
+has finished is reused; one that was cut short resumes from its checkpoints. A finished member keeps its
+result (weights and history) and its validation scores under ensemble.protocol in the run store; the
+scores are made on the cluster (pipeline/scoring.py) right after training, or later for a member that
+has none for the protocol asked. Combining reads scores only: nothing is reloaded or retrained.
+Members do not write to MLflow while they train (several at once would contend for the SQLite store);
+the driver logs them as nested runs at the end, with the papers' table (pipeline/papers.py).
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ from ray import tune
 from pipeline import cluster, tracking
 from pipeline.combine import error_curve, top_k_errors
 from pipeline.config import Params
-from pipeline.dataset import Dataset
+from pipeline.dataset import BetonFile, Dataset
 from pipeline.errors import InputError
-from pipeline.loaders import make_val_loader
-from pipeline.local_data import cache_root, describe, local_copy
+from pipeline.local_data import cache_root, describe
+from pipeline.papers import Measured, papers_table
 from pipeline.runs import RunResult, RunStore
+from pipeline.scoring import Scores, score_on_cluster, scores_file
 from pipeline.storage import Location
 from pipeline.train_loop import TrainJob
 from pipeline.trainer import fit
@@ -78,15 +83,22 @@ def plan_members(params: Params, dataset: Dataset, data: Location) -> list[Membe
     ]
 
 
-def fit_member(config: dict, members: list[Member], runs: RunStore, params: Params) -> None:
-    """Ray Tune trainable: one member is one TorchTrainer run; its result is saved once it has finished,
-    and then its checkpoints go (the driver logs members to MLflow from their results)."""
+def fit_member(config: dict, members: list[Member], runs: RunStore, params: Params, val: BetonFile) -> None:
+    """Ray Tune trainable: one member is one TorchTrainer run; once it has finished its result is saved,
+    its scores made, and then its checkpoints go (the driver logs members to MLflow from their results)."""
     member = members[config["index"]]
     started = time.time()
     result = fit(member.job, runs, params.ray)
     record = runs.record(member.name)
     record.save_result(result, member.job.spec.identity(), {"started_at": started, "finished_at": time.time()})
     record.drop_checkpoints()
+    score_member(member, result, runs, params, val)
+
+
+def score_member(member: Member, result: RunResult, runs: RunStore, params: Params, val: BetonFile) -> None:
+    scores = score_on_cluster(member.job.spec, result.weights, member.job.data, member.job.data_cache, val.images,
+                              val.sha256, [params.ensemble.protocol], params, tasks=params.ensemble_workers)
+    scores[params.ensemble.protocol].save(scores_file(runs.record(member.name).folder, params.ensemble.protocol))
 
 
 def max_concurrent_members(params: Params) -> int:
@@ -97,7 +109,7 @@ def max_concurrent_members(params: Params) -> int:
     return min(fits, params.ensemble.max_concurrent or fits)
 
 
-def train_members(members: list[Member], runs: RunStore, params: Params) -> None:
+def train_members(members: list[Member], runs: RunStore, params: Params, val: BetonFile) -> None:
     pending = [member for member in members if runs.record(member.name).status() != "finished"]
     for member in members:
         if member not in pending:
@@ -110,7 +122,7 @@ def train_members(members: list[Member], runs: RunStore, params: Params) -> None
     # own. A trial asking for any CPU would leave a 2-CPU machine short of a 2-worker member for good;
     # Tune refuses an empty request, so the trial asks for a little (logical) memory instead.
     trial_resources = {"cpu": 0, "memory": TRIAL_MEMORY_BYTES}
-    trainable = tune.with_parameters(fit_member, members=members, runs=runs, params=params)
+    trainable = tune.with_parameters(fit_member, members=members, runs=runs, params=params, val=val)
     tuner = tune.Tuner(
         tune.with_resources(trainable, trial_resources),
         param_space={"index": tune.grid_search([member.index for member in pending])},
@@ -135,33 +147,50 @@ def load_member(member: Member, runs: RunStore) -> RunResult:
     return result
 
 
-@torch.no_grad()
-def member_logits(networks: list[torch.nn.Module], dataset: Dataset, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[members, samples, classes] logits and [samples] labels, in one pass over the validation set."""
-    for network in networks:
-        network.eval()
-    loader = make_val_loader(dataset.files["val"].path, batch_size=256, resolution=resolution,
-                             num_threads=torch.get_num_threads(), distributed=False)
-    logits, labels = [], []
-    for images, batch_labels in loader:
-        logits.append(torch.stack([network(images) for network in networks]))
-        labels.append(batch_labels)
-    return torch.cat(logits, dim=1), torch.cat(labels)
+def member_scores(members: list[Member], results: list[RunResult], runs: RunStore, params: Params,
+                  val: BetonFile) -> list[Scores]:
+    """Each member's saved scores under ensemble.protocol; a member without (trained before, or under
+    another protocol) is scored now, on the cluster."""
+    protocol = params.ensemble.protocol
+    for member, result in zip(members, results):
+        if not scores_file(runs.record(member.name).folder, protocol).exists():
+            print(f"Scoring {member.describe()} ({protocol})")
+            score_member(member, result, runs, params, val)
+    return [Scores.load(scores_file(runs.record(member.name).folder, protocol), val.sha256) for member in members]
 
 
-def evaluate_members(logits: torch.Tensor, labels: torch.Tensor, rule: str) -> tuple[dict, list[dict]]:
-    errors = [top_k_errors(member, labels) for member in logits]
-    curve = error_curve(logits, labels, rule)
-    top1s, top5s = [e[0] for e in errors], [e[1] for e in errors]
+def included_scores(params: Params, evaluations: Location, val: BetonFile) -> list[Scores]:
+    """The evaluate stage's scores of the models in ensemble.include."""
+    found = []
+    for model in params.ensemble.include:
+        location = scores_file(evaluations / model / "scores", params.ensemble.protocol)
+        if not location.exists():
+            raise EnsembleError(f"{location}: not found; ensemble.include names {model}: run the evaluate stage "
+                                f"(dvc repro evaluate@{model}) with {params.ensemble.protocol} in evaluate.protocols")
+        found.append(Scores.load(location, val.sha256))
+    return found
+
+
+def evaluate_members(scores: list[Scores], names: list[str], members: int, rule: str) -> tuple[dict, list[dict]]:
+    """Every model's errors (its own members first, then the included models), the members' mean and
+    spread, the whole ensemble's errors and the curve over the first k models."""
+    log_probs = torch.from_numpy(np.stack([s.log_probs for s in scores]).astype(np.float32))
+    labels = torch.from_numpy(scores[0].labels)
+    errors = [top_k_errors(model, labels) for model in log_probs]
+    curve = error_curve(log_probs, labels, rule)
+    top1s, top5s = [e[0] for e in errors[:members]], [e[1] for e in errors[:members]]
+    spread = statistics.stdev if members > 1 else lambda values: 0.0
     summary = {
-        "members": len(errors),
+        "members": members,
+        "models": len(scores),
+        "protocol": scores[0].protocol,
         "combine": rule,
-        "member_top1_error": {f"member_{i}": e[0] for i, e in enumerate(errors)},
-        "member_top5_error": {f"member_{i}": e[1] for i, e in enumerate(errors)},
+        "model_top1_error": {name: e[0] for name, e in zip(names, errors)},
+        "model_top5_error": {name: e[1] for name, e in zip(names, errors)},
         "member_top1_error_mean": statistics.mean(top1s),
-        "member_top1_error_std": statistics.stdev(top1s),
+        "member_top1_error_std": spread(top1s),
         "member_top5_error_mean": statistics.mean(top5s),
-        "member_top5_error_std": statistics.stdev(top5s),
+        "member_top5_error_std": spread(top5s),
         "ensemble_top1_error": curve[-1]["top1_error"],
         "ensemble_top5_error": curve[-1]["top5_error"],
     }
@@ -170,50 +199,81 @@ def evaluate_members(logits: torch.Tensor, labels: torch.Tensor, rule: str) -> t
     return summary, curve
 
 
-def run_ensemble(params: Params, data: Location, out: Location) -> dict:
+def run_ensemble(params: Params, data: Location, evaluations: Location, out: Location) -> dict:
     """The ensemble stage: returns the metrics it also writes to out/metrics.json."""
     dataset = describe(data, cache_root(params.ray.local_data_cache))
+    val = dataset.files["val"]
+    included = included_scores(params, evaluations, val)  # refused before any training
     runs = run_store(params)
     # Before the MLflow run and its SIGTERM handler: ray.init installs a SIGTERM handler of its own.
     cluster.connect(params.ray)
     cluster.check_nodes_reach(tracking.tracking_uri(params.mlflow), runs.root, data)
     store = tracking.open_store(params.mlflow)
     members = plan_members(params, dataset, data)
-    digest = hashlib.sha256(json.dumps([m.name for m in members] + [params.ensemble.combine]).encode())
+    digest = hashlib.sha256(json.dumps([m.name for m in members] + params.ensemble.include +
+                                       [params.ensemble.protocol, params.ensemble.combine]).encode())
     name = f"ensemble-{params.ensemble.model}-{digest.hexdigest()[:12]}"
     tags = {"model": params.ensemble.model, "dvc_stage": "ensemble", "device": cluster.device_name(params.ray)}
     parent = tracking.open_run(store, name, tags, params.model_dump(), reuse_finished=False)
 
     with tracking.closed_with_true_status(store.client, parent.id):
-        train_members(members, runs, params)
+        train_members(members, runs, params, val)
         results = [load_member(member, runs) for member in members]  # refuses before any averaging
-        networks = [load_model(member.job.spec, result) for member, result in zip(members, results)]
-        logits, labels = member_logits(networks, local_copy(data, cache_root(params.ray.local_data_cache)),
-                                       params.train.resolution)
-        summary, curve = evaluate_members(logits, labels, params.ensemble.combine)
-        summary = {"model": params.ensemble.model, **summary}
-        write_outputs(out, members, summary, curve)
-        log_to_mlflow(store, parent.id, members, results, networks, summary, curve, params)
+        scores = member_scores(members, results, runs, params, val) + included
+        names = [f"member_{member.index}" for member in members] + params.ensemble.include
+        summary, curve = evaluate_members(scores, names, len(members), params.ensemble.combine)
+        summary = {"model": params.ensemble.model, "included": params.ensemble.include, **summary}
+        table = papers_table(measured_figures(evaluations, params, summary, curve), data_name(params, dataset))
+        write_outputs(out, members, summary, curve, table)
+        log_to_mlflow(store, parent.id, members, results, summary, curve, table, dataset, params)
     print_summary(summary, store)
+    print(f"\nThe papers' figures beside this run's ({out / 'papers.md'}):\n{table}")
     return summary
 
 
-def write_outputs(out: Location, members: list[Member], summary: dict, curve: list[dict]) -> None:
+def measured_figures(evaluations: Location, params: Params, summary: dict, curve: list[dict]) -> list[Measured]:
+    """Every evaluated model under every protocol, and the ensemble's first k members for every k that
+    the papers report (k nets of the members' model)."""
+    figures = []
+    for folder in evaluations.children():
+        metrics = json.loads((folder / "metrics.json").read_text())
+        for protocol in params.evaluate.protocols:
+            if f"{protocol}_top1_error" in metrics:
+                figures.append(Measured(metrics["model"], protocol, 1, metrics[f"{protocol}_top1_error"],
+                                        metrics[f"{protocol}_top5_error"], f"evaluate@{metrics['model']}"))
+    for point in curve[1:summary["members"]]:
+        figures.append(Measured(params.ensemble.model, summary["protocol"], point["members"], point["top1_error"],
+                                point["top5_error"], f"ensemble, first {point['members']} members"))
+    if params.ensemble.include:
+        figures.append(Measured("ensemble", summary["protocol"], summary["models"], summary["ensemble_top1_error"],
+                                summary["ensemble_top5_error"],
+                                f"{summary['members']} members + {', '.join(params.ensemble.include)}"))
+    return figures
+
+
+def data_name(params: Params, dataset: Dataset) -> str:
+    named = {"digits": "embedded digits", "imagenet": "ILSVRC-2012", "folder": "image folder"}[params.data.source]
+    return f"{named}, {dataset.num_classes} classes, {dataset.files['val'].images} val images"
+
+
+def write_outputs(out: Location, members: list[Member], summary: dict, curve: list[dict], table: str) -> None:
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    lines = ["members,top1_error,top5_error"] + [f"{p['members']},{p['top1_error']},{p['top5_error']}" for p in curve]
+    lines = ["models,top1_error,top5_error"] + [f"{p['members']},{p['top1_error']},{p['top5_error']}" for p in curve]
     (out / "error_curve.csv").write_text("\n".join(lines) + "\n")
     references = [
         {"index": m.index, "seed": m.job.spec.seed, "run": m.name,
-         "top1_error": summary["member_top1_error"][f"member_{m.index}"],
-         "top5_error": summary["member_top5_error"][f"member_{m.index}"]}
+         "top1_error": summary["model_top1_error"][f"member_{m.index}"],
+         "top5_error": summary["model_top5_error"][f"member_{m.index}"]}
         for m in members
     ]
     (out / "members.json").write_text(json.dumps(references, indent=2) + "\n")
+    (out / "papers.md").write_text(table)
 
 
 def log_to_mlflow(store: tracking.Store, parent: str, members: list[Member], results: list[RunResult],
-                  networks: list[torch.nn.Module], summary: dict, curve: list[dict], params: Params) -> None:
-    """Nested member runs under the parent, the parent's metrics and plot, the best member registered."""
+                  summary: dict, curve: list[dict], table: str, dataset: Dataset, params: Params) -> None:
+    """Nested member runs under the parent, the parent's metrics, plot and papers' table, the best member
+    registered."""
     client = store.client
     # A previous attempt that died while logging may have left some member runs: replace them.
     for stale in client.search_runs([store.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"):
@@ -235,18 +295,20 @@ def log_to_mlflow(store: tracking.Store, parent: str, members: list[Member], res
     for point in curve:
         tracking.log_metrics(client, parent, {"curve_top1_error": point["top1_error"],
                                               "curve_top5_error": point["top5_error"]}, step=point["members"])
-    client.log_figure(parent, error_curve_figure(curve, summary), "error_vs_members.png")
+    client.log_figure(parent, error_curve_figure(curve, summary), "error_vs_models.png")
+    client.log_text(parent, table, "papers.md")
 
     best = best_member(summary)
-    info = log_model(store.uri, child_ids[best], networks[best], params.train.resolution)
+    info = log_model(store.uri, child_ids[best], load_model(members[best].job.spec, results[best]), dataset,
+                     params.train.resolution)
     version = mlflow.register_model(info.model_uri, params.mlflow.registered_model)
     client.set_registered_model_alias(params.mlflow.registered_model, "best", version.version)
 
 
 def best_member(summary: dict) -> int:
     """Lowest top-1 error; ties (common on a small validation set) go to top-5, then to the first member."""
-    return min(range(summary["members"]), key=lambda i: (summary["member_top1_error"][f"member_{i}"],
-                                                          summary["member_top5_error"][f"member_{i}"]))
+    return min(range(summary["members"]), key=lambda i: (summary["model_top1_error"][f"member_{i}"],
+                                                          summary["model_top5_error"][f"member_{i}"]))
 
 
 def error_curve_figure(curve: list[dict], summary: dict):
@@ -255,7 +317,7 @@ def error_curve_figure(curve: list[dict], summary: dict):
     axes.plot(ks, [p["top1_error"] for p in curve], "o-", label="ensemble top-1")
     axes.plot(ks, [p["top5_error"] for p in curve], "s-", label="ensemble top-5")
     axes.axhline(summary["member_top1_error_mean"], ls="--", c="C0", alpha=0.5, label="mean member top-1")
-    axes.set_xlabel("members averaged (first k)")
+    axes.set_xlabel("models averaged (first k: members, then included models)")
     axes.set_ylabel("validation error")
     axes.legend()
     figure.tight_layout()
@@ -263,10 +325,12 @@ def error_curve_figure(curve: list[dict], summary: dict):
 
 
 def print_summary(summary: dict, store: tracking.Store) -> None:
-    print(f"\nEnsemble of {summary['members']} x {summary['model']} ({summary['combine']} averaging)")
+    included = f" + {', '.join(summary['included'])}" if summary["included"] else ""
+    print(f"\nEnsemble of {summary['members']} x {summary['model']}{included} "
+          f"({summary['combine']} averaging, protocol {summary['protocol']})")
     print(f"{'':24}{'top-1 error':>14}{'top-5 error':>14}")
-    for key, top1 in summary["member_top1_error"].items():
-        print(f"{key:24}{top1:>14.4f}{summary['member_top5_error'][key]:>14.4f}")
+    for key, top1 in summary["model_top1_error"].items():
+        print(f"{key:24}{top1:>14.4f}{summary['model_top5_error'][key]:>14.4f}")
     mean_std = lambda k: f"{summary[k + '_mean']:.4f}+-{summary[k + '_std']:.4f}"  # noqa: E731
     print(f"{'members mean +- std':24}{mean_std('member_top1_error'):>15}{mean_std('member_top5_error'):>15}")
     print(f"{'ensemble':24}{summary['ensemble_top1_error']:>14.4f}{summary['ensemble_top5_error']:>14.4f}")

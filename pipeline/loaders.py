@@ -11,7 +11,7 @@ worker, not in the driver).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -172,12 +172,18 @@ def make_val_loader(
     device: torch.device = torch.device("cpu"),
     channels_last: bool = False,
     dtype: torch.dtype = torch.float32,
+    crop_ratio: float = VAL_CROP_RATIO,
+    indices: Sequence[int] | None = None,
 ) -> ValLoader:
-    """Center-cropped batches of (images (B, 3, resolution, resolution) `dtype`, labels (B,) int64)."""
-    decoder = CenterCropRGBImageDecoder((resolution, resolution), ratio=VAL_CROP_RATIO)
+    """Center-cropped batches of (images (B, 3, resolution, resolution) `dtype`, labels (B,) int64): the
+    central square of `crop_ratio` times the short side, resized to `resolution`; of the samples
+    `indices` in that order when given (not distributed), else of all of them."""
+    decoder = CenterCropRGBImageDecoder((resolution, resolution), ratio=crop_ratio)
     image_pipeline = _image_pipeline(decoder, [], device, channels_last, dtype)
     loader = _loader(beton, image_pipeline, device, batch_size, num_threads, distributed,
-                     order=OrderOption.SEQUENTIAL, drop_last=False)
+                     order=OrderOption.SEQUENTIAL, drop_last=False, indices=indices)
+    if indices is not None:
+        return ValLoader(loader, num_samples=len(indices))
     total = loader.reader.num_samples
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     return ValLoader(loader, num_samples=len(range(rank, total, world)))

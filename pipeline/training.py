@@ -23,6 +23,7 @@ from pipeline.locations import params_location
 from pipeline.runs import RunRecord, RunResult, RunSpec, RunStore
 from pipeline.storage import Location
 from pipeline.train_loop import TrainJob
+from pipeline.val_transform import ValTransform
 from pipeline.trainer import fit
 
 
@@ -54,7 +55,7 @@ def train_model(params: Params, model_name: str, data: Location, out: Location) 
             metrics = publish(out, spec, result)
             if not finished:
                 record.save_result(result, spec.identity(), metrics)
-            log_to_mlflow(store, run.id, spec, result, metrics, params.mlflow.log_model)
+            log_to_mlflow(store, run.id, spec, result, metrics, dataset, params.mlflow.log_model)
     record.mark_used()
     record.drop_checkpoints()  # everything the run owes is written: outputs, result, MLflow
     pruned = runs.prune(params.ray.keep_finished_runs, protect={spec.name})
@@ -128,24 +129,28 @@ def publish(out: Location, spec: RunSpec, result: RunResult) -> dict:
 
 
 def log_to_mlflow(store: tracking.Store, run_id: str, spec: RunSpec, result: RunResult, metrics: dict,
-                  log_model_too: bool) -> None:
+                  dataset: Dataset, log_model_too: bool) -> None:
     """What the run does not have yet: epochs, the summary (the last epoch's values are in the history
     already) and the model."""
     tracking.log_history(store.client, run_id, result.history)
     tracking.log_metrics(store.client, run_id, {k: v for k, v in metrics.items() if k not in result.history[-1]})
     if log_model_too and not store.client.search_logged_models([store.experiment_id],
                                                                  filter_string=f"source_run_id = '{run_id}'"):
-        log_model(store.uri, run_id, load_model(spec, result), spec.recipe.resolution)
+        log_model(store.uri, run_id, load_model(spec, result), dataset, spec.recipe.resolution)
 
 
-def log_model(uri: str, run_id: str, model: torch.nn.Module, resolution: int) -> mlflow.models.model.ModelInfo:
-    """MLflow's pt2 format: an exported graph that loads without this project's code or pickle."""
+def log_model(uri: str, run_id: str, model: torch.nn.Module, dataset: Dataset,
+              resolution: int) -> mlflow.models.model.ModelInfo:
+    """MLflow's pt2 format: an exported graph that loads without this project's code or pickle, with the
+    class names and the validation transform as metadata, so `predict` needs nothing else."""
     mlflow.set_tracking_uri(uri)
+    transform = ValTransform.for_data(dataset.preprocess, resolution)
     # A batch of 2: torch.export fixes size-1 dimensions, and the batch must stay free.
-    example = torch.zeros(2, 3, resolution, resolution).numpy()
+    example = torch.zeros(2, 3, transform.resolution, transform.resolution).numpy()
     with mlflow.start_run(run_id=run_id):
         # Explicit requirements: inferring them imports and probes the whole venv (slow, and noisy).
         return mlflow.pytorch.log_model(
             model.eval(), name="model", input_example=example, serialization_format="pt2",
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            metadata={"classes": dataset.classes, "transform": transform.metadata()},
         )

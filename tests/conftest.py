@@ -45,7 +45,7 @@ def training_overrides(folder: Path, ray: dict | None = None, model: str = FAST_
     resolution = FAST_RESOLUTION if model == FAST_MODEL else TEST_RESOLUTION
     return {
         "train": {"models": [model], "epochs": 3, "batch_size": 32, "resolution": resolution, **train},
-        "ensemble": {"model": model},
+        "ensemble": {"model": model, "include": []},
         "ray": {"storage_path": str(folder / "ray_results"), **(ray or {})},
         "mlflow": {"tracking_uri": f"sqlite:///{folder / 'mlflow.db'}", "experiment": "tests"},
     }

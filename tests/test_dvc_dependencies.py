@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 import models
-from pipeline.config import PROJECT_ROOT, EnsembleParams, PreprocessParams, TrainRecipe, load_params
+from pipeline.config import PROJECT_ROOT, EnsembleParams, EvaluateParams, PreprocessParams, TrainRecipe, load_params
 from pipeline.runs import RunSpec
 from tests.conftest import FAST_MODEL
 
@@ -66,7 +66,15 @@ def test_training_stages_depend_on_exactly_what_names_a_run():
     assert set(stage_definition("train")["params"]) == recipe | {"train.epochs", "train.seed"} | device_and_workers
     # Members have seeds and epochs of their own; max_concurrent says how many train at once, not what.
     ensemble_keys = {f"ensemble.{key}" for key in EnsembleParams.model_fields} - {"ensemble.max_concurrent"}
-    assert set(DVC_YAML["ensemble"]["params"]) == recipe | ensemble_keys | device_and_workers
+    # Members are scored with ensemble.protocol, whose multi_scale reads evaluate.scales.
+    assert set(DVC_YAML["ensemble"]["params"]) == recipe | ensemble_keys | device_and_workers | {"evaluate.scales"}
+
+
+def test_evaluation_depends_on_what_changes_its_scores():
+    # Not evaluate.batch_size: how many images a batch holds does not change an image's score.
+    shaping = {f"evaluate.{key}" for key in EvaluateParams.model_fields} - {"evaluate.batch_size"}
+    model = {"train.resolution", "train.alexnet_groups", "train.amp", "ray.use_gpu"}
+    assert set(stage_definition("evaluate")["params"]) == shaping | model
 
 
 def test_preprocess_depends_on_the_settings_that_shape_the_files():

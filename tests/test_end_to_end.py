@@ -20,7 +20,7 @@ from tests.conftest import FAST_MODEL, FAST_RESOLUTION, change_params, clean_cop
 # LeNet-5 everywhere, so the time goes to DVC, Ray and MLflow rather than to convolutions.
 REDUCED = {
     "train": {"models": [FAST_MODEL], "epochs": 2, "batch_size": 64, "resolution": FAST_RESOLUTION},
-    "ensemble": {"model": FAST_MODEL, "members": 2, "epochs": 1, "max_concurrent": None},
+    "ensemble": {"model": FAST_MODEL, "members": 2, "epochs": 1, "max_concurrent": None, "include": [FAST_MODEL]},
 }
 TRACKING_AND_FAULT_TOLERANCE = {"mlflow": {"experiment": "renamed"},
                                 "ray": {"max_failures": 5, "checkpoints_to_keep": 3, "storage_path": "elsewhere"}}

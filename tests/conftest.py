@@ -23,6 +23,13 @@ TEST_RESOLUTION = 67
 FAST_MODEL, FAST_RESOLUTION = "lenet5", 32
 
 
+@pytest.fixture(autouse=True)
+def no_inherited_tracking_uri(monkeypatch):
+    """mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI for child processes: a stage run in this
+    process would otherwise send every later test's subprocesses to its store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture
 def params_dict() -> dict:
     """params.yaml as a plain dict, for tests that change one value and validate it."""

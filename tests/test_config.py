@@ -35,7 +35,7 @@ def test_shipped_params_are_valid():
         ("train", "resolution", 40, "train.resolution=40 is below alexnet2012's minimum input size"),
         ("train", "momentum", 1.5, "train.momentum: Input should be less than 1"),
         ("train", "alexnet_groups", 3, "train.alexnet_groups: got 3; allowed: 1 or 2"),
-        ("ensemble", "members", 1, "ensemble.members: Input should be greater than or equal to 2"),
+        ("ensemble", "members", 0, "ensemble.members: Input should be greater than or equal to 1"),
         ("ensemble", "model", "vgg99", "ensemble.model: unknown model 'vgg99'"),
         ("ensemble", "combine", "median", "ensemble.combine: got 'median'; allowed: 'softmax' or 'logits'"),
         ("preprocess", "jpeg_quality", 101, "preprocess.jpeg_quality: Input should be less than or equal to 100"),
@@ -65,6 +65,13 @@ def test_batch_not_divisible_by_workers(tmp_path, params_dict):
     params_dict["train"]["batch_size"] = 32
     params_dict["ensemble"]["num_workers"] = 3
     with pytest.raises(ParamsError, match=r"train.batch_size=32 is not divisible by ensemble.num_workers=3"):
+        load_params(write(tmp_path, params_dict))
+
+
+def test_an_ensemble_of_one_model_is_refused(tmp_path, params_dict):
+    params_dict["ensemble"]["members"] = 1
+    params_dict["ensemble"]["include"] = []
+    with pytest.raises(ParamsError, match=r"ensemble.members \+ len\(ensemble.include\) must be at least 2"):
         load_params(write(tmp_path, params_dict))
 
 

@@ -21,6 +21,7 @@ from tests.conftest import FAST_MODEL, FAST_RESOLUTION, change_params, clean_cop
 REDUCED = {
     "train": {"models": [FAST_MODEL], "epochs": 2, "batch_size": 64, "resolution": FAST_RESOLUTION},
     "ensemble": {"model": FAST_MODEL, "members": 2, "epochs": 1, "max_concurrent": None, "include": [FAST_MODEL]},
+    "evaluate": {"protocols": ["center"]},
 }
 TRACKING_AND_FAULT_TOLERANCE = {"mlflow": {"experiment": "renamed"},
                                 "ray": {"max_failures": 5, "checkpoints_to_keep": 3, "storage_path": "elsewhere"}}
@@ -51,11 +52,12 @@ def tracked_runs(repo: Path) -> list:
 def test_dvc_repro_then_params_changes_rerun_only_what_they_shape(tmp_path):
     repo = clean_copy(tmp_path / "repo", REDUCED)
     output = dvc(repo, "repro")
-    assert ran(output) == {"prepare", "preprocess", f"train@{FAST_MODEL}", "ensemble"}
+    assert ran(output) == {"prepare", "preprocess", f"train@{FAST_MODEL}", f"evaluate@{FAST_MODEL}", "ensemble"}
     assert f"Ensemble of 2 x {FAST_MODEL}" in output and "gain over mean member" in output
     for path in ("data/prepared/classes.json", "data/beton/train.beton", "data/beton/dataset.json",
                  "reports/preprocess.json", f"outputs/train/{FAST_MODEL}/model.pt",
-                 f"outputs/train/{FAST_MODEL}/history.csv", "outputs/ensemble/error_curve.csv",
+                 f"outputs/train/{FAST_MODEL}/history.csv", f"outputs/evaluate/{FAST_MODEL}/metrics.json",
+                 "outputs/ensemble/error_curve.csv", "outputs/ensemble/papers.md",
                  "outputs/ensemble/members.json", "mlflow.db"):
         assert (repo / path).is_file(), path
     # The .beton files are linked from DVC's cache, not stored twice.
@@ -92,5 +94,5 @@ def test_dvc_repro_then_params_changes_rerun_only_what_they_shape(tmp_path):
     # A new model trains only itself; more ensemble members train only the new ones.
     change_params(repo, {"train": {"models": [FAST_MODEL, "resnet18"]}, "ensemble": {"members": 3}})
     output = dvc(repo, "repro")
-    assert ran(output) == {"train@resnet18", "ensemble"}
+    assert ran(output) == {"train@resnet18", "evaluate@resnet18", "ensemble"}
     assert "Reusing member 0" in output and "Reusing member 1" in output and "Training 1 members" in output

@@ -1,8 +1,10 @@
-"""The ensemble stage on real small data: members side by side, combination, refusals, resume, MLflow."""
+"""The ensemble stage on real small data: members side by side, scored, combined with an evaluated train
+stage model, refusals, resume, MLflow."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -13,10 +15,20 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import PROJECT_ROOT
 from pipeline.dataset import Dataset
-from pipeline.ensemble import EnsembleError, best_member, load_member, member_seeds, plan_members, run_ensemble
+from pipeline.ensemble import (
+    EnsembleError,
+    best_member,
+    included_scores,
+    load_member,
+    member_seeds,
+    plan_members,
+    run_ensemble,
+)
+from pipeline.evaluation import evaluate_model
 from pipeline.runs import RESULT_MARKER, RESULT_WEIGHTS
+from pipeline.scoring import ScoresError
 from pipeline.storage import Location
-from pipeline.training import run_store
+from pipeline.training import run_store, train_model
 from tests.conftest import FAST_MODEL, training_overrides, without_ray_address, write_params
 from tests.test_training import end_tree, wait_for
 
@@ -25,17 +37,24 @@ MEMBERS = 3
 
 def ensemble_overrides(folder, **ensemble):
     return training_overrides(folder) | {
-        "ensemble": {"model": FAST_MODEL, "members": MEMBERS, "epochs": 2, "max_concurrent": 2, **ensemble}
+        "ensemble": {"model": FAST_MODEL, "members": MEMBERS, "epochs": 2, "max_concurrent": 2, "include": [],
+                     **ensemble},
+        "evaluate": {"protocols": ["center"]},
     }
 
 
 @pytest.fixture(scope="module")
 def ensemble_run(tmp_path_factory, ray_cluster, digits_betons):
+    """Three LeNet-5 members combined with the train stage's LeNet-5, which the evaluate stage scored."""
     folder = tmp_path_factory.mktemp("ensemble")
-    _, params = write_params(folder, ensemble_overrides(folder))
-    summary = run_ensemble(params, Location.local(digits_betons), Location.local(folder / "out"))
+    _, params = write_params(folder, ensemble_overrides(folder, include=[FAST_MODEL]))
+    data = Location.local(digits_betons)
+    train_model(params, FAST_MODEL, data, Location.local(folder / "train"))
+    evaluate_model(params, FAST_MODEL, data, Location.local(folder / "train" / "model.pt"),
+                   Location.local(folder / "evaluate" / FAST_MODEL))
+    summary = run_ensemble(params, data, Location.local(folder / "evaluate"), Location.local(folder / "out"))
     yield {"folder": folder, "params": params, "summary": summary}
-    shutil.rmtree(folder)  # ~1 GB of weights that no later module reads
+    shutil.rmtree(folder)  # weights that no later module reads
 
 
 def result_markers(params, data) -> list[dict]:
@@ -50,42 +69,51 @@ def test_members_train_two_at_a_time(ensemble_run, digits_betons):
     assert most_at_once == 2
 
 
-def test_finished_members_keep_only_their_weights(ensemble_run):
-    run_dirs = sorted((ensemble_run["folder"] / "ray_results").glob(f"*/{RESULT_MARKER}"))
-    assert len(run_dirs) == MEMBERS
-    for marker in run_dirs:
-        assert sorted(path.name for path in marker.parent.glob("*.pt")) == [RESULT_WEIGHTS]
-        assert not list(marker.parent.glob("checkpoint*")), "a finished member's checkpoints take GBs at VGG sizes"
+def test_finished_members_keep_their_weights_and_scores_only(ensemble_run, digits_betons):
+    params = ensemble_run["params"]
+    for member in plan_members(params, Dataset.read(digits_betons), Location.local(digits_betons)):
+        folder = run_store(params).record(member.name).folder.local_path()
+        assert sorted(path.name for path in folder.iterdir() if not path.name.startswith(".")) == \
+            [RESULT_MARKER, RESULT_WEIGHTS, "scores-center.npz"], "checkpoints take GBs at VGG sizes"
 
 
 def test_outputs_and_curve(ensemble_run):
     out, summary = ensemble_run["folder"] / "out", ensemble_run["summary"]
     assert json.loads((out / "metrics.json").read_text()) == summary
-    assert summary["members"] == MEMBERS and summary["combine"] == "softmax"
+    assert summary["members"] == MEMBERS and summary["models"] == MEMBERS + 1 and summary["combine"] == "softmax"
+    assert summary["protocol"] == "center" and summary["included"] == [FAST_MODEL]
     with open(out / "error_curve.csv") as handle:
         curve = list(csv.DictReader(handle))
-    assert [int(row["members"]) for row in curve] == [1, 2, 3]
-    # k=1 is member 0 alone; k=N is the whole ensemble.
-    assert float(curve[0]["top1_error"]) == summary["member_top1_error"]["member_0"]
+    assert [int(row["models"]) for row in curve] == [1, 2, 3, 4]
+    # k=1 is member 0 alone; k=N is the whole ensemble, the included model last.
+    assert float(curve[0]["top1_error"]) == summary["model_top1_error"]["member_0"]
     assert float(curve[-1]["top1_error"]) == summary["ensemble_top1_error"]
     assert float(curve[-1]["top5_error"]) == summary["ensemble_top5_error"]
-    member_errors = list(summary["member_top1_error"].values())
+    member_errors = [summary["model_top1_error"][f"member_{i}"] for i in range(MEMBERS)]
     assert summary["member_top1_error_mean"] == pytest.approx(sum(member_errors) / MEMBERS)
     assert summary["gain_top1"] == pytest.approx(summary["member_top1_error_mean"] - summary["ensemble_top1_error"])
     references = json.loads((out / "members.json").read_text())
     assert [ref["seed"] for ref in references] == member_seeds(100, MEMBERS)
 
 
+def test_a_trained_model_joins_by_its_evaluated_scores(ensemble_run):
+    folder, summary = ensemble_run["folder"], ensemble_run["summary"]
+    evaluated = json.loads((folder / "evaluate" / FAST_MODEL / "metrics.json").read_text())
+    assert summary["model_top1_error"][FAST_MODEL] == pytest.approx(evaluated["center_top1_error"])
+    table = (folder / "out" / "papers.md").read_text()
+    assert f"| {FAST_MODEL} (evaluate@{FAST_MODEL}) | center | 1 |" in table
+    assert f"| ensemble ({MEMBERS} members + {FAST_MODEL}) | center | {MEMBERS + 1} |" in table
+
+
 def test_mlflow_parent_with_nested_members(ensemble_run):
     params = ensemble_run["params"]
     client = MlflowClient(params.mlflow.tracking_uri)
     experiment = client.get_experiment_by_name("tests").experiment_id
-    parents = [run for run in client.search_runs([experiment]) if "mlflow.parentRunId" not in run.data.tags]
-    assert len(parents) == 1
-    parent = parents[0]
-    assert parent.info.status == "FINISHED" and parent.data.tags["dvc_stage"] == "ensemble"
+    [parent] = [run for run in client.search_runs([experiment], filter_string="tags.dvc_stage = 'ensemble'")
+                if "mlflow.parentRunId" not in run.data.tags]
+    assert parent.info.status == "FINISHED"
     assert parent.data.metrics["ensemble_top1_error"] == ensemble_run["summary"]["ensemble_top1_error"]
-    assert "error_vs_members.png" in [f.path for f in client.list_artifacts(parent.info.run_id)]
+    assert {"error_vs_models.png", "papers.md"} <= {f.path for f in client.list_artifacts(parent.info.run_id)}
     children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     seeds = member_seeds(100, MEMBERS)
     assert sorted(int(child.data.tags["seed"]) for child in children) == sorted(seeds)
@@ -94,15 +122,15 @@ def test_mlflow_parent_with_nested_members(ensemble_run):
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val_top1_error")] == [0, 1]
     best = client.get_model_version_by_alias(params.mlflow.registered_model, "best")
     registered = next(child for child in children if child.info.run_id == best.run_id)
-    errors = ensemble_run["summary"]["member_top1_error"]
+    errors = {name: error for name, error in ensemble_run["summary"]["model_top1_error"].items() if name.startswith("member_")}
     assert errors[f"member_{seeds.index(int(registered.data.tags['seed']))}"] == min(errors.values())
 
 
 def test_best_member_breaks_ties_on_top5_then_order():
-    summary = {"members": 3, "member_top1_error": {"member_0": 0.5, "member_1": 0.4, "member_2": 0.4},
-               "member_top5_error": {"member_0": 0.1, "member_1": 0.2, "member_2": 0.1}}
-    assert best_member(summary) == 2
-    summary["member_top5_error"]["member_1"] = 0.1
+    summary = {"members": 3, "model_top1_error": {"member_0": 0.5, "member_1": 0.4, "member_2": 0.4, "vgg": 0.1},
+               "model_top5_error": {"member_0": 0.1, "member_1": 0.2, "member_2": 0.1, "vgg": 0.0}}
+    assert best_member(summary) == 2, "the best of the members (an included model has no weights here)"
+    summary["model_top5_error"]["member_1"] = 0.1
     assert best_member(summary) == 1
 
 
@@ -130,12 +158,23 @@ def test_refuses_missing_or_unreadable_members(ensemble_run, digits_betons, tmp_
     with pytest.raises(EnsembleError, match=r"member 2 \(seed \d+, .*weights in .* do not load"):
         load_member(members[2], runs)
 
+    # An included model's scores must be of this validation set, and exist.
+    val = Dataset.read(digits_betons).files["val"]
+    evaluations = Location.local(ensemble_run["folder"] / "evaluate")
+    with_include = params.model_copy(update={"ensemble": params.ensemble.model_copy(update={"include": [FAST_MODEL]})})
+    assert len(included_scores(with_include, evaluations, val)) == 1
+    other_val = dataclasses.replace(val, sha256="0" * 64)
+    with pytest.raises(ScoresError, match=rf"evaluate/{FAST_MODEL}/scores/scores-center.npz: scores of another validation set"):
+        included_scores(with_include, evaluations, other_val)
+    with pytest.raises(EnsembleError, match=rf"nowhere/{FAST_MODEL}/scores/scores-center.npz: not found; .*evaluate@{FAST_MODEL}"):
+        included_scores(with_include, Location.local(tmp_path / "nowhere"), val)
+
 
 def test_interrupted_stage_reuses_finished_members(tmp_path, digits_betons):
     (tmp_path / "beton").symlink_to(digits_betons)
     params, loaded = write_params(tmp_path, ensemble_overrides(tmp_path, members=2, epochs=1, max_concurrent=1))
-    command = [sys.executable, "-m", "stages.ensemble", "--params", str(params),
-               "--data", str(tmp_path / "beton"), "--out", str(tmp_path / "out")]
+    command = [sys.executable, "-m", "stages.ensemble", "--params", str(params), "--data", str(tmp_path / "beton"),
+               "--evaluations", str(tmp_path / "evaluate"), "--out", str(tmp_path / "out")]
     markers = lambda: sorted((tmp_path / "ray_results").glob(f"*/{RESULT_MARKER}"))  # noqa: E731
     first = subprocess.Popen(command, cwd=PROJECT_ROOT, start_new_session=True, env=without_ray_address(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

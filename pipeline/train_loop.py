@@ -79,7 +79,7 @@ def train_worker(loop_config: dict) -> None:
         # TF32 tensor cores for float32 matmuls; cuDNN's convolutions use them by default.
         torch.set_float32_matmul_precision("high")
     # Model FLOP utilisation needs the GPU's peak: none on the CPU or on a GPU PEAK_TFLOPS lacks.
-    peak_flops = _peak_flops(device, use_amp) if on_gpu else None
+    peak_flops = gpu_peak_flops(device, use_amp) if on_gpu else None
     flops_per_image = _training_flops_per_image(spec) if peak_flops else None
 
     torch.manual_seed(spec.seed)  # identical initial weights on every rank before DDP broadcasts
@@ -305,7 +305,7 @@ def _check_amp_dtype(device: torch.device, use_amp: bool, amp_dtype: torch.dtype
                          "tensor cores; set train.amp_dtype: float16")
 
 
-def _peak_flops(device: torch.device, use_amp: bool) -> float | None:
+def gpu_peak_flops(device: torch.device, use_amp: bool) -> float | None:
     """The GPU's peak FLOP/s at the precision the model runs in (autocast's 16-bit, or TF32), or None."""
     name = torch.cuda.get_device_name(device)
     for pattern, (half_tflops, tf32_tflops) in PEAK_TFLOPS.items():

@@ -85,6 +85,14 @@ class TrainRecipe(Section):
     amp: bool
     channels_last: bool
     seed: int = Field(ge=0)
+    # Defaults for params built without them; params.yaml sets and explains each.
+    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    decay_norm_and_bias: bool = True
+    order: Literal["random", "quasi_random"] = "random"
+    os_cache: bool = True
+    val_batch_size: int = Field(default=64, gt=0)
+    compile: bool = False
+    log_every_s: float = Field(default=10.0, gt=0)
 
     @model_validator(mode="after")
     def _models_known_and_fit_resolution(self) -> TrainRecipe:

@@ -44,9 +44,9 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 # Which recipe keys a run depends on: these always; the schedule's own; the GPU-only ones on GPUs; and
 # the keys models.recipe_keys(model) names (dropout, alexnet_groups, alexnet_init).
 COMMON_RECIPE_KEYS = ("batch_size", "lr", "momentum", "weight_decay", "schedule", "label_smoothing",
-                      "resolution", "crop_min_scale", "pca_lighting_std")
+                      "resolution", "crop_min_scale", "pca_lighting_std", "decay_norm_and_bias", "order")
 SCHEDULE_KEYS = {"plateau": ("plateau_patience",), "step": ("step_size", "step_gamma"), "cosine": ()}
-GPU_ONLY_KEYS = ("amp", "channels_last")
+GPU_ONLY_KEYS = ("amp", "channels_last", "amp_dtype")
 
 Status = Literal["new", "interrupted", "finished"]
 

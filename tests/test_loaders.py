@@ -24,6 +24,7 @@ from pipeline.loaders import (
     IMAGENET_STD,
     make_train_loader,
     make_val_loader,
+    normalize_on_device,
 )
 
 TRAIN_SAMPLES = 40  # even: two ranks split it without padding
@@ -153,6 +154,47 @@ def test_resuming_at_an_epoch_replays_that_epochs_order(betons):
     assert resumed_order == orders[2]
     assert orders[0] != orders[1] != orders[2]
     assert sorted(orders[2]) == list(range(TRAIN_SAMPLES))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("os_cache", [True, False])
+def test_quasi_random_order_covers_every_sample_and_resumes(betons, os_cache):
+    options = dict(batch_size=8, resolution=RESOLUTION, num_threads=2, distributed=False, seed=5,
+                   order="quasi_random", os_cache=os_cache)
+    uninterrupted = make_train_loader(betons["train"], **options)
+    orders = [torch.cat([labels for _, labels in uninterrupted]).tolist() for _ in range(3)]
+
+    resumed = make_train_loader(betons["train"], start_epoch=2, **options)
+
+    assert torch.cat([labels for _, labels in resumed]).tolist() == orders[2]
+    assert orders[0] != orders[1] != orders[2]
+    assert all(sorted(order) == list(range(TRAIN_SAMPLES)) for order in orders)
+
+
+def test_quasi_random_order_refuses_several_workers(betons):
+    with pytest.raises(ValueError, match="train.order quasi_random takes one worker"):
+        make_train_loader(betons["train"], batch_size=8, resolution=RESOLUTION, num_threads=1, distributed=True,
+                          seed=0, order="quasi_random")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_device_normalisation_matches_the_cpu_route(dtype, channels_last):
+    """The GPU route's normalisation, run on the CPU: uint8 channels-last batches as FFCV's ToTorchImage
+    leaves them on the device, out in the dtype and memory format asked for."""
+    indices = [0, 7, 20]
+    pixels = torch.tensor(np.stack([colour(i) for i in indices]), dtype=torch.uint8)
+    nhwc = pixels[:, None, None, :].expand(len(indices), RESOLUTION, RESOLUTION, 3).contiguous()
+
+    images = normalize_on_device(torch.device("cpu"), dtype, channels_last)(nhwc.permute(0, 3, 1, 2))
+
+    assert images.dtype == dtype and images.shape == (len(indices), 3, RESOLUTION, RESOLUTION)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert images.is_contiguous(memory_format=layout)
+    expected = torch.stack([normalised(i) for i in indices])[:, :, None, None].expand_as(images)
+    # One rounding from float32: half an ulp of the largest value (|x| < 2.7), 2^-7 for bf16, 2^-10 for fp16.
+    tolerance = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(images.float(), expected, atol=tolerance, rtol=0)
 
 
 def record_what_each_rank_sees(config: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,12 +16,15 @@ import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from torch import nn
 
+import models
 from pipeline import tracking
 from pipeline.config import PROJECT_ROOT, MlflowParams, load_params
 from pipeline.image_tree import DataError
 from pipeline.runs import RAY_SNAPSHOT
 from pipeline.storage import Location
+from pipeline.train_loop import parameter_groups
 from pipeline.training import train_model
 from tests.conftest import FAST_MODEL, training_overrides, without_ray_address, write_params
 
@@ -208,19 +212,42 @@ def test_sigterm_marks_the_run_killed_and_it_resumes_into_another_tracking_store
     assert checkpoints(tmp_path), "an unfinished run keeps its checkpoints"
 
     # Another store (a new tracking server, a renamed experiment): the checkpoints decide, the run
-    # resumes, and the new store's run starts with the epochs already done.
+    # resumes, and the new store's run starts with the epochs already done. Settings that do not
+    # name a run change too: the rerun compiles the model and shows progress 5 times a second.
     other = tmp_path / "other"
-    overrides = training_overrides(tmp_path, epochs=KILL_EPOCHS)
+    overrides = training_overrides(tmp_path, epochs=KILL_EPOCHS, compile=True, log_every_s=0.2)
     overrides["mlflow"]["tracking_uri"] = f"sqlite:///{other / 'mlflow.db'}"
     changed, _ = write_params(other, overrides)
     log = finish(start_stage(changed, digits_betons, tmp_path / "out", tmp_path / "again.log"), tmp_path / "again.log")
     assert f"Resuming {FAST_MODEL}-" in log and f"epoch 1/{KILL_EPOCHS} " not in log
+    # Each epoch's line once (Ray Train's print patch doubled them), and none of Ray's report records.
+    epoch_lines = [int(e) for e in re.findall(rf"\] epoch (\d+)/{KILL_EPOCHS} train_loss=", log)]
+    assert epoch_lines and epoch_lines == list(range(epoch_lines[0], KILL_EPOCHS + 1)) and epoch_lines[0] > 1, log
+    assert "TrainingReport(" not in log and "Reporting training result" not in log
+    assert re.search(rf"\] epoch \d+/{KILL_EPOCHS} step \d+/\d+ \d+ img/s ETA \d+m\d\ds loss so far \d", log), log
     client, runs = mlflow_runs(other)
     assert [run.info.status for run in runs] == ["FINISHED"]
     for metric in EPOCH_METRICS:
         assert steps(client, runs[0].info.run_id, metric) == list(range(KILL_EPOCHS)), metric
+    assert steps(client, runs[0].info.run_id, "train_loss_step"), "no step-level loss in MLflow"
     assert [run.info.status for run in mlflow_runs(tmp_path)[1]] == ["KILLED"]
     assert not checkpoints(tmp_path)
+
+
+def test_norm_and_bias_parameters_can_go_without_weight_decay():
+    network = models.build("resnet18", 10)
+    recipe = load_params().train
+    [everything] = parameter_groups(network, recipe.model_copy(update={"decay_norm_and_bias": True}))
+    assert len(everything["params"]) == len(list(network.parameters()))
+
+    decayed, undecayed = parameter_groups(network, recipe.model_copy(update={"decay_norm_and_bias": False}))
+
+    names = {id(parameter): name for name, parameter in network.named_parameters()}
+    norms = {f"{name}.weight" for name, module in network.named_modules() if isinstance(module, nn.BatchNorm2d)}
+    biases = {name for name in names.values() if name.endswith(".bias")}
+    assert {names[id(p)] for p in undecayed["params"]} == norms | biases and undecayed["weight_decay"] == 0
+    assert {names[id(p)] for p in decayed["params"]} == set(names.values()) - norms - biases
+    assert decayed["weight_decay"] == recipe.weight_decay > 0
 
 
 def test_failure_marks_the_run_failed(tmp_path):

@@ -52,8 +52,10 @@ def alexnet2012(num_classes: int, *, dropout: float = 0.5, groups: int = 1, init
         nn.ReLU(inplace=True),
         nn.MaxPool2d(kernel_size=3, stride=2),
     )
-    classifier = _classifier(num_classes, dropout)
-    fc6, fc7, fc8 = (layer for layer in classifier if isinstance(layer, nn.Linear))
+    # The paper (section 4.2) drops out the outputs of fc6 and fc7, "the first two fully-connected layers".
+    fc6, fc7, fc8 = _fully_connected(num_classes)
+    classifier = nn.Sequential(fc6, nn.ReLU(inplace=True), nn.Dropout(p=dropout),
+                               fc7, nn.ReLU(inplace=True), nn.Dropout(p=dropout), fc8)
 
     if init == "paper":
         # Paper section 5: every weight from N(0, 0.01). Biases of conv2, conv4, conv5 and the hidden FC
@@ -91,7 +93,11 @@ def alexnet(num_classes: int, *, dropout: float = 0.5) -> ConvNet:
         nn.ReLU(inplace=True),
         nn.MaxPool2d(kernel_size=3, stride=2),
     )
-    return ConvNet("alexnet", features, POOLED_SIDE, _classifier(num_classes, dropout))
+    # torchvision's order: dropout on the inputs of fc6 and fc7 (pool5's output and fc6's).
+    fc6, fc7, fc8 = _fully_connected(num_classes)
+    classifier = nn.Sequential(nn.Dropout(p=dropout), fc6, nn.ReLU(inplace=True),
+                               nn.Dropout(p=dropout), fc7, nn.ReLU(inplace=True), fc8)
+    return ConvNet("alexnet", features, POOLED_SIDE, classifier)
 
 
 def _local_response_norm() -> nn.LocalResponseNorm:
@@ -100,14 +106,6 @@ def _local_response_norm() -> nn.LocalResponseNorm:
     return nn.LocalResponseNorm(size=PAPER_LRN_SIZE, alpha=PAPER_LRN_SIZE * 1e-4, beta=0.75, k=2.0)
 
 
-def _classifier(num_classes: int, dropout: float) -> nn.Sequential:
-    # torchvision's order, which both variants share: dropout on the input of each hidden FC layer.
-    return nn.Sequential(
-        nn.Dropout(p=dropout),
-        nn.Linear(FEATURE_CHANNELS * POOLED_SIDE * POOLED_SIDE, HIDDEN_UNITS),
-        nn.ReLU(inplace=True),
-        nn.Dropout(p=dropout),
-        nn.Linear(HIDDEN_UNITS, HIDDEN_UNITS),
-        nn.ReLU(inplace=True),
-        nn.Linear(HIDDEN_UNITS, num_classes),
-    )
+def _fully_connected(num_classes: int) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    return (nn.Linear(FEATURE_CHANNELS * POOLED_SIDE * POOLED_SIDE, HIDDEN_UNITS),
+            nn.Linear(HIDDEN_UNITS, HIDDEN_UNITS), nn.Linear(HIDDEN_UNITS, num_classes))

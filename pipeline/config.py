@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -9,6 +10,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import InputError
+
+# Validation resizes the short side to resolution / VAL_CROP_RATIO and keeps the central crop (the papers'
+# 224 of 256).
+VAL_CROP_RATIO = 224 / 256
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -186,9 +191,27 @@ class Params(Section):
         if self.ensemble.include and self.ensemble.protocol not in self.evaluate.protocols:
             raise ValueError(f"ensemble.protocol={self.ensemble.protocol!r} is not in evaluate.protocols "
                              f"{self.evaluate.protocols}: the included models' scores come from the evaluate stage")
+        self._check_val_crops_are_not_upsampled()
         if self.ensemble.members + len(self.ensemble.include) < 2:
             raise ValueError("ensemble.members + len(ensemble.include) must be at least 2: an ensemble combines models")
         return self
+
+
+    def _check_val_crops_are_not_upsampled(self) -> None:
+        """Where the stored short side is known (digits' square images, or preprocess.short_side), it must
+        hold validation's resize, or every centre crop would be an upsampled, blurred image."""
+        preprocess, needed = self.preprocess, math.ceil(self.train.resolution / VAL_CROP_RATIO)
+        if preprocess.short_side is not None:
+            stored, keys = preprocess.short_side, "preprocess.short_side"
+        elif self.data.source == "digits":
+            stored = min(self.data.digits_image_size, preprocess.max_resolution)
+            keys = "data.digits_image_size / preprocess.max_resolution"
+        else:
+            return
+        if stored < needed:
+            raise ValueError(f"{keys} store images with a {stored}-pixel short side, and validation resizes it to "
+                             f"train.resolution / {VAL_CROP_RATIO} = {needed} before its centre crop: store at "
+                             f"least {needed} pixels or lower train.resolution")
 
 
 def _check_model(name: str, resolution: int, key: str) -> None:

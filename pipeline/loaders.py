@@ -46,6 +46,8 @@ from ffcv.pipeline.state import State
 from ffcv.traversal_order.quasi_random import QuasiRandom, generate_order_inner
 from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
+from pipeline.config import VAL_CROP_RATIO
+
 # ImageNet statistics on the 0..255 scale the decoders produce.
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
 IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
@@ -59,8 +61,6 @@ IMAGENET_PCA_EIGENVECTORS = torch.tensor(
         [-0.5836, -0.6948, 0.4203],
     ]
 )
-# Validation resizes the short side to resolution * 256/224 and keeps the central crop (the papers' 224 of 256).
-VAL_CROP_RATIO = 224 / 256
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # train.order: FFCV's QUASI_RANDOM shuffles within a few pages of the file at a time, so an epoch reads
 # each page once and a process cache (os_cache=False) holds only the pages in use.

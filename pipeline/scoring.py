@@ -35,9 +35,9 @@ from torch import nn
 
 from models import ConvNet
 from pipeline.combine import top_k_errors
-from pipeline.config import Params
+from pipeline.config import VAL_CROP_RATIO, Params
 from pipeline.errors import InputError
-from pipeline.loaders import VAL_CROP_RATIO, make_val_loader
+from pipeline.loaders import make_val_loader
 from pipeline.local_data import local_copy
 from pipeline.runs import RunSpec
 from pipeline.storage import Location

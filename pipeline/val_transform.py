@@ -15,8 +15,9 @@ import cv2
 import numpy as np
 import torch
 
+from pipeline.config import VAL_CROP_RATIO
 from pipeline.image_check import UnusableImage, load_rgb
-from pipeline.loaders import IMAGENET_MEAN, IMAGENET_STD, VAL_CROP_RATIO
+from pipeline.loaders import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)

@@ -38,12 +38,13 @@ def class_folder_tree(root: Path, images_per_class: dict[str, dict[str, int]], s
     return root
 
 
-def flat_val_with_devkit(root: Path, val_wnids: list[str], all_wnids: list[str]) -> tuple[Path, Path]:
+def flat_val_with_devkit(root: Path, val_wnids: list[str], all_wnids: list[str],
+                         size: tuple[int, int] = (40, 30)) -> tuple[Path, Path]:
     """root/val/ILSVRC2012_val_%08d.JPEG labelled val_wnids[i], plus the devkit's ground-truth file
     and meta.mat (a 'synsets' struct array; IDs 1.. are the leaves in all_wnids order, then one inner
     WordNet node with children, as in the real file). Returns (ground truth, meta.mat)."""
     for index, _ in enumerate(val_wnids, start=1):
-        write_photo(root / "val" / f"ILSVRC2012_val_{index:08d}.JPEG", 1000 + index)
+        write_photo(root / "val" / f"ILSVRC2012_val_{index:08d}.JPEG", 1000 + index, size)
     # IDs deliberately not in sorted-WNID order, so a mapping by position would be caught.
     id_of_wnid = {wnid: len(all_wnids) - position for position, wnid in enumerate(all_wnids)}
     fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",

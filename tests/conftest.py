@@ -81,7 +81,7 @@ def ray_cluster():
 def digits_tree(tmp_path_factory) -> Path:
     """The embedded default as the real prepare stage writes it (1,437 train + 360 val JPEGs)."""
     root = tmp_path_factory.mktemp("digits-full")
-    params, _ = write_params(root, {"data": {"digits_image_size": 72}})
+    params, _ = write_params(root, {"data": {"digits_image_size": 80}})
     run_stage("prepare", "--params", str(params), "--out", str(root / "prepared"))
     return root
 
@@ -105,7 +105,7 @@ def digits_betons(tmp_path_factory, digits_tree) -> Path:
                 shutil.copy(image, target / image.name)
     params, _ = write_params(root, {
         "data": {"source": "folder", "root": str(root / "subset")},
-        "preprocess": {"max_resolution": 72},
+        "preprocess": {"max_resolution": 80},
     })
     run_stage("prepare", "--params", str(params), "--out", str(root / "prepared"))
     return preprocess(root, params)

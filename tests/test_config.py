@@ -126,3 +126,14 @@ def test_stage_refuses_bad_params_before_any_work(tmp_path, params_dict, stage):
 @pytest.mark.parametrize("path", sorted(PROJECT_ROOT.glob("params*.yaml")), ids=lambda path: path.name)
 def test_every_shipped_params_file_is_valid(path):
     load_params(path)
+
+
+def test_stored_images_too_small_for_validations_resize_are_refused(tmp_path, params_dict):
+    params_dict["data"]["digits_image_size"] = 72  # validation resizes to 67 / (224/256) = 77 pixels
+    with pytest.raises(ParamsError, match=r"data.digits_image_size / preprocess.max_resolution store images with a "
+                                          r"72-pixel short side, .* = 77 before its centre crop"):
+        load_params(write(tmp_path, params_dict))
+    params_dict["data"] |= {"source": "folder", "root": "tree", "digits_image_size": 80}
+    params_dict["preprocess"] |= {"max_resolution": 400, "short_side": 64}
+    with pytest.raises(ParamsError, match=r"preprocess.short_side store images with a 64-pixel short side"):
+        load_params(write(tmp_path, params_dict))

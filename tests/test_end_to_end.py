@@ -91,8 +91,12 @@ def test_dvc_repro_then_params_changes_rerun_only_what_they_shape(tmp_path):
     assert f"Reusing {FAST_MODEL}-" in dvc(repo, "repro", "--force", "--single-item", f"train@{FAST_MODEL}")
     (repo / "params.yaml").write_text(original)
 
-    # A new model trains only itself; more ensemble members train only the new ones.
-    change_params(repo, {"train": {"models": [FAST_MODEL, "resnet18"]}, "ensemble": {"members": 3}})
+    # New models train only themselves (a residual net, and GoogLeNet with its auxiliary heads' losses),
+    # are evaluated and join the ensemble; more ensemble members train only the new ones.
+    new_models = ["resnet18", "googlenet"]
+    change_params(repo, {"train": {"models": [FAST_MODEL, *new_models]},
+                         "ensemble": {"members": 3, "include": [FAST_MODEL, *new_models]}})
     output = dvc(repo, "repro")
-    assert ran(output) == {"train@resnet18", "evaluate@resnet18", "ensemble"}
+    assert ran(output) == {f"{stage}@{model}" for stage in ("train", "evaluate") for model in new_models} | {"ensemble"}
+    assert json.loads((repo / "outputs/ensemble/metrics.json").read_text())["included"] == [FAST_MODEL, *new_models]
     assert "Reusing member 0" in output and "Reusing member 1" in output and "Training 1 members" in output

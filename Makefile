@@ -31,3 +31,5 @@ lock:
 bench: setup
 	python -m benchmarks.loader_throughput
 	python -m benchmarks.training_throughput
+	python -m benchmarks.preprocess_throughput
+	python -m benchmarks.pipeline_efficiency

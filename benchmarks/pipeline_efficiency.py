@@ -1,0 +1,138 @@
+"""How much of the default pipeline's wall time is training and evaluation: the time a plain
+single-process torch loop needs for the same work, divided by the wall time of `dvc repro` on a fresh
+clone (what `make run` runs after setup).
+
+    python -m benchmarks.pipeline_efficiency [--wall-s SECONDS] [--steps 6]
+
+The work is what params.yaml asks for: every train.models run's epochs (training steps over the train
+split, and the validation pass after each epoch), its evaluate@ protocols, and the ensemble's members
+(their epochs and validation passes, and their scoring under ensemble.protocol). The plain loop's rate
+for each model is measured on in-memory tensors in this process, one torch thread per core of the
+machine (the cores the pipeline's workers share): training steps at the
+recipe's batch and resolution, and forward passes at evaluate.batch_size. Its time for the work is the
+images divided by those rates. The pipeline's part is the wall time of `dvc repro` in a fresh clone of
+this checkout (its own stores: nothing is reused), or --wall-s to give one measured before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import models
+from pipeline.config import PROJECT_ROOT, Params, load_params
+from pipeline.dataset import Dataset
+from pipeline.scoring import image_streams
+
+MIRRORED = 2  # a view and its mirror image
+
+
+@dataclass(frozen=True)
+class Work:
+    model: str
+    what: str  # "train" or "forward"
+    images: float  # images at the recipe's resolution
+
+
+def forward_passes(protocol: str, params: Params) -> float:
+    """Forward passes at the recipe's resolution that one validation image costs under `protocol` (a
+    pass at side s costs (s / resolution)^2 of one)."""
+    resolution = params.train.resolution
+    if protocol == "center":
+        return 1
+    if protocol == "center_mirror":
+        return MIRRORED
+    if protocol == "ten_crop":
+        return 10
+    return sum(MIRRORED * (side / resolution) ** 2 for side, _ in image_streams(protocol, resolution, params.evaluate.scales))
+
+
+def workload(params: Params, train_images: int, val_images: int) -> list[Work]:
+    work = []
+    for model in params.train.models:
+        work.append(Work(model, "train", params.train.epochs * train_images))
+        evaluations = params.train.epochs + sum(forward_passes(p, params) for p in params.evaluate.protocols)
+        work.append(Work(model, "forward", evaluations * val_images))
+    members, ensemble = params.ensemble.members, params.ensemble
+    work.append(Work(ensemble.model, "train", members * ensemble.epochs * train_images))
+    scoring = ensemble.epochs + forward_passes(ensemble.protocol, params)
+    work.append(Work(ensemble.model, "forward", members * scoring * val_images))
+    return work
+
+
+def plain_rate(model_name: str, what: str, params: Params, num_classes: int, steps: int) -> float:
+    """Images per second of a plain loop on random in-memory tensors, after one warm-up step."""
+    batch = params.train.batch_size if what == "train" else params.evaluate.batch_size
+    resolution = params.train.resolution
+    model = models.build(model_name, num_classes)
+    images = torch.randn(batch, 3, resolution, resolution)
+    labels = torch.randint(0, num_classes, (batch,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
+    criterion = nn.CrossEntropyLoss()
+    model.train(what == "train")
+    start = None
+    for step in range(steps + 1):
+        if step == 1:
+            start = time.perf_counter()
+        if what == "train":
+            loss, _ = models.training_loss(model(images), labels, criterion)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        else:
+            with torch.no_grad():
+                model(images)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def pipeline_wall_time() -> tuple[float, Dataset]:
+    """`dvc repro` in a fresh clone of this checkout's HEAD, with this venv's tools on the PATH; and the
+    data set it wrote."""
+    with tempfile.TemporaryDirectory(prefix="efficiency-") as folder:
+        clone = Path(folder) / "project"
+        subprocess.run(["git", "clone", "-q", str(PROJECT_ROOT), str(clone)], check=True)
+        env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        env.pop("RAY_ADDRESS", None)
+        env.pop("MLFLOW_TRACKING_URI", None)
+        start = time.perf_counter()
+        subprocess.run(["dvc", "repro"], cwd=clone, env=env, check=True, stdout=subprocess.DEVNULL)
+        return time.perf_counter() - start, Dataset.read(clone / "data" / "beton")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--wall-s", type=float,
+                        help="the pipeline's wall time, measured before (then data/beton here gives the data)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per rate, after one warm-up step")
+    args = parser.parse_args(argv)
+
+    params = load_params()
+    if args.wall_s:
+        wall, dataset = args.wall_s, Dataset.read(PROJECT_ROOT / "data" / "beton")
+    else:
+        wall, dataset = pipeline_wall_time()
+    counts = {split: beton.images for split, beton in dataset.files.items()}
+    torch.set_num_threads(os.cpu_count() or 1)
+    plain, rates = 0.0, {}
+    for work in workload(params, counts["train"], counts["val"]):
+        key = (work.model, work.what)
+        if key not in rates:
+            rates[key] = plain_rate(work.model, work.what, params, dataset.num_classes, args.steps)
+        plain += work.images / rates[key]
+        print(f"  {work.model:12} {work.what:8} {work.images:10.0f} images at {rates[key]:7.1f} img/s "
+              f"= {work.images / rates[key]:6.0f} s")
+    print(f"plain loop {plain:.0f} s; pipeline (dvc repro, fresh clone) {wall:.0f} s; "
+          f"efficiency {plain / wall:.2f}")
+
+
+if __name__ == "__main__":
+    main()

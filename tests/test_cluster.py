@@ -157,8 +157,9 @@ def test_the_whole_pipeline_as_one_job_lands_in_the_project(cluster, tracking, t
     readme = (PROJECT_ROOT / "README.md").read_text()
     assert README_PIPELINE_JOB in readme and README_AFTERWARDS in readme
     project = clean_copy(tmp_path / "project", {
-        "train": {"models": [FAST_MODEL], "epochs": 2, "resolution": FAST_RESOLUTION},
-        "ensemble": {"model": FAST_MODEL, "members": 2, "epochs": 1, "num_workers": 1, "include": [FAST_MODEL]},
+        "train": {"models": [FAST_MODEL], "epochs": 1, "resolution": FAST_RESOLUTION},
+        "ensemble": {"model": FAST_MODEL, "members": 1, "epochs": 1, "num_workers": 1, "include": [FAST_MODEL]},
+        "evaluate": {"protocols": ["center"]},
         "mlflow": {"experiment": "pipeline-job"},
     })
     command = README_PIPELINE_JOB.replace("127.0.0.1:8265", cluster.dashboard.removeprefix("http://"))

@@ -9,7 +9,6 @@ GPU lags behind the Python code (the case pipeline/loaders.py's notes on CUDA st
 from __future__ import annotations
 
 import re
-import signal
 from pathlib import Path
 
 import pytest
@@ -25,8 +24,7 @@ from pipeline.training import train_model
 from tests.conftest import FAST_MODEL, training_overrides, write_params
 from tests.test_loaders import flat_colour_beton
 from tests.test_training import (
-    EPOCH_METRICS, _history, checkpoints, end_tree, finish, mlflow_runs, registered_checkpoint, start_stage, steps,
-    wait_for,
+    EPOCH_METRICS, _history, checkpoints, finish, mlflow_runs, start_stage, steps, stop_after_first_checkpoint,
 )
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -77,13 +75,7 @@ def test_mlflow_samples_the_gpu():
 def test_stopped_gpu_run_resumes_from_its_checkpoint(tmp_path, digits_betons):
     # fp16: the checkpoint carries the GradScaler's state as well as the model's and the optimizer's.
     params, _ = write_params(tmp_path, gpu_overrides(tmp_path, epochs=STOP_EPOCHS, amp_dtype="float16"))
-    stage = start_stage(params, digits_betons, tmp_path / "out", tmp_path / "stage.log")
-    try:
-        wait_for(lambda: registered_checkpoint(tmp_path), 400, "the first epoch's checkpoint")
-        stage.send_signal(signal.SIGTERM)
-        assert stage.wait(timeout=120) == 130, (tmp_path / "stage.log").read_text()
-    finally:
-        end_tree(stage)
+    stop_after_first_checkpoint(params, digits_betons, tmp_path)
     assert checkpoints(tmp_path), "an unfinished run keeps its checkpoints"
 
     log = finish(start_stage(params, digits_betons, tmp_path / "out", tmp_path / "again.log"), tmp_path / "again.log")

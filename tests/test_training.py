@@ -156,6 +156,18 @@ def end_tree(process: subprocess.Popen) -> None:
     process.wait(timeout=60)
 
 
+def stop_after_first_checkpoint(params: Path, data: Path, folder: Path) -> None:
+    """Starts the train stage and sends it SIGTERM once its first checkpoint is registered: it must end
+    with 130, the shell's code for a stop by signal."""
+    stage = start_stage(params, data, folder / "out", folder / "stage.log")
+    try:
+        wait_for(lambda: registered_checkpoint(folder), 400, "the first epoch's checkpoint")
+        stage.send_signal(signal.SIGTERM)
+        assert stage.wait(timeout=120) == 130, (folder / "stage.log").read_text()
+    finally:
+        end_tree(stage)
+
+
 def finish(process: subprocess.Popen, log: Path) -> str:
     try:
         assert process.wait(timeout=600) == 0, log.read_text()
@@ -200,13 +212,7 @@ def test_killed_driver_resumes_in_the_moved_project(tmp_path, digits_betons):
 
 def test_sigterm_marks_the_run_killed_and_it_resumes_into_another_tracking_store(tmp_path, digits_betons):
     params, _ = write_params(tmp_path, training_overrides(tmp_path, epochs=KILL_EPOCHS))
-    stage = start_stage(params, digits_betons, tmp_path / "out", tmp_path / "stage.log")
-    try:
-        wait_for(lambda: registered_checkpoint(tmp_path), 400, "the first epoch's checkpoint")
-        stage.send_signal(signal.SIGTERM)
-        assert stage.wait(timeout=120) == 130, (tmp_path / "stage.log").read_text()
-    finally:
-        end_tree(stage)
+    stop_after_first_checkpoint(params, digits_betons, tmp_path)
     _, runs = mlflow_runs(tmp_path)
     assert [run.info.status for run in runs] == ["KILLED"]
     assert checkpoints(tmp_path), "an unfinished run keeps its checkpoints"

@@ -174,6 +174,11 @@ class Params(Section):
         """Ray workers per ensemble member: ensemble.num_workers, or ray.num_workers when that is null."""
         return self.ensemble.num_workers or self.ray.num_workers
 
+    def check_trained_model(self, name: str) -> None:
+        """The stages of one trained model (train@, evaluate@) take only the models train.models lists."""
+        if name not in self.train.models:
+            raise ParamsError(f"--model {name!r} is not in train.models {self.train.models}")
+
     @model_validator(mode="after")
     def _cross_section_rules(self) -> Params:
         workers_by_key = {"ray.num_workers": self.ray.num_workers, "ensemble.num_workers": self.ensemble_workers}

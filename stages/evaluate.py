@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.config import ParamsError, load_params
+from pipeline.config import load_params
 from pipeline.evaluation import evaluate_model
 from pipeline.locations import command_line_location
 from stages import run_stage
@@ -25,8 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def stage() -> None:
         params = load_params(args.params)
-        if args.model not in params.train.models:
-            raise ParamsError(f"--model {args.model!r} is not in train.models {params.train.models}")
+        params.check_trained_model(args.model)
         evaluate_model(params, args.model, command_line_location(args.data, "--data"),
                        command_line_location(args.weights, "--weights"), command_line_location(args.out, "--out"))
 

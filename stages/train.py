@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.config import ParamsError, load_params
+from pipeline.config import load_params
 from pipeline.locations import command_line_location
 from pipeline.training import train_model
 from stages import run_stage
@@ -22,8 +22,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def stage() -> None:
         params = load_params(args.params)
-        if args.model not in params.train.models:
-            raise ParamsError(f"--model {args.model!r} is not in train.models {params.train.models}")
+        params.check_trained_model(args.model)
         data = command_line_location(args.data, "--data")
         out = command_line_location(args.out, "--out")
         train_model(params, args.model, data, out)

@@ -137,3 +137,14 @@ def test_stored_images_too_small_for_validations_resize_are_refused(tmp_path, pa
     params_dict["preprocess"] |= {"max_resolution": 400, "short_side": 64}
     with pytest.raises(ParamsError, match=r"preprocess.short_side store images with a 64-pixel short side"):
         load_params(write(tmp_path, params_dict))
+
+
+@pytest.mark.parametrize("stage", ["train", "evaluate"])
+def test_a_model_outside_train_models_is_refused_by_its_stages(tmp_path, stage):
+    weights = ["--weights", "model.pt"] if stage == "evaluate" else []
+    result = subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}", "--model", "vgg16", *weights, "--out", str(tmp_path / "out")],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2 and "--model 'vgg16' is not in train.models" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()

@@ -7,6 +7,7 @@ The last tests kill the worker node, as when a machine dies."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -17,11 +18,13 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import PROJECT_ROOT
+from pipeline.config import PROJECT_ROOT, load_params
 from pipeline.runs import RAY_SNAPSHOT, RESULT_MARKER, RESULT_WEIGHTS
 from pipeline.storage import Location
+from tests._trees import WNIDS, class_folder_tree, flat_val_with_devkit
 from tests.cluster import LocalCluster, mlflow_server, s3_server, wait_until
-from tests.conftest import FAST_MODEL, FAST_RESOLUTION, clean_copy, training_overrides, write_params
+from tests.conftest import FAST_MODEL, change_params, clean_copy, training_overrides, write_params
+from tests.test_end_to_end import ran
 
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
 LONG_RUN_EPOCHS = 12
@@ -62,19 +65,24 @@ def run_stage(cluster: LocalCluster, stage: str, *arguments: str, env: dict | No
                           env=cluster.env | {"RAY_ADDRESS": cluster.address} | (env or {}))
 
 
-def train_workers(cluster: LocalCluster) -> dict[str, str]:
-    """Every Ray Train worker that has run on the cluster, by actor id, with its node (the state API keeps
-    finished actors)."""
+def train_workers(cluster: LocalCluster) -> dict[str, tuple[str, str]]:
+    """Every Ray Train worker that has run on the cluster, by actor id, with its Ray job (each stage's
+    driver is one) and node (the state API keeps finished actors)."""
     listed = subprocess.run(["ray", "list", "actors", "--address", cluster.dashboard, "--filter",
                              "class_name=RayTrainWorker", "--format", "json", "--limit", "1000"],
                             env=cluster.env, capture_output=True, text=True, timeout=60, check=True)
     if listed.stdout.startswith("No resource"):  # the CLI's answer when there is no such actor yet
         return {}
-    return {actor["actor_id"]: actor["node_id"] for actor in json.loads(listed.stdout)}
+    return {actor["actor_id"]: (actor["job_id"], actor["node_id"]) for actor in json.loads(listed.stdout)}
 
 
-def nodes_of_new_workers(cluster: LocalCluster, before: dict[str, str]) -> set[str]:
-    return {node for actor, node in train_workers(cluster).items() if actor not in before}
+def nodes_of_new_workers(cluster: LocalCluster, before: dict) -> dict[str, set[str]]:
+    """The nodes of the workers started since `before`, by Ray job."""
+    nodes: dict[str, set[str]] = {}
+    for actor, (job, node) in train_workers(cluster).items():
+        if actor not in before:
+            nodes.setdefault(job, set()).add(node)
+    return nodes
 
 
 def tracked(uri: str, experiment: str) -> list:
@@ -113,7 +121,8 @@ def test_train_stage_spans_both_nodes_with_s3_storage(cluster, tracking, s3, tmp
                        "--data", s3_uri(s3, "pipeline/beton"), "--out", s3_uri(s3, "pipeline/outputs/lenet5"),
                        env=S3_KEYS)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert len(nodes_of_new_workers(cluster, before)) == 2, "the two workers ran on the two nodes"
+    [nodes] = nodes_of_new_workers(cluster, before).values()
+    assert len(nodes) == 2, "the two workers ran on the two nodes"
     runs = tracked(tracking, "s3")
     assert [run.info.status for run in runs] == ["FINISHED"]
     assert epochs_logged(tracking, runs[0].info.run_id) == [0, 1, 2]
@@ -128,48 +137,73 @@ def test_train_stage_spans_both_nodes_with_s3_storage(cluster, tracking, s3, tmp
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cache", "params.yaml"]
 
 
-def test_ensemble_members_spread_over_both_nodes(cluster, tracking, tmp_path, digits_betons):
-    overrides = training_overrides(tmp_path)
-    overrides["ensemble"] |= {"members": 2, "epochs": 1, "num_workers": 1, "max_concurrent": None}
-    overrides["mlflow"] |= {"tracking_uri": tracking, "experiment": "ensemble"}
-    params, _ = write_params(tmp_path, overrides)
-    before = train_workers(cluster)
-    result = run_stage(cluster, "ensemble", "--params", str(params), "--data", str(digits_betons),
-                       "--out", str(tmp_path / "out"))
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Training 2 members, 2 at a time" in result.stdout
-    assert len(nodes_of_new_workers(cluster, before)) == 2, "one member on each node"
-    assert len(list((tmp_path / "ray_results").glob(f"*/{RESULT_MARKER}"))) == 2
-    runs = tracked(tracking, "ensemble")
-    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
-    assert [run.info.status for run in parents] == ["FINISHED"] and len(runs) == 3
-
-
 # The README's commands for the whole pipeline as one Ray job, as written (the test's head and tracking
 # server listen on other ports than the README's).
 README_PIPELINE_JOB = """ray job submit --address http://127.0.0.1:8265 \\
     --runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI": "http://HEAD_IP:5000"}}' -- bash -c "cd $PWD && dvc repro\""""
 README_AFTERWARDS = "dvc metrics show && dvc plots show"
+PRESET = "params-imagenet-alexnet2012.yaml"
+PHOTO = (500, 375)  # ILSVRC-2012's most common size
+TRAIN_PER_CLASS, VAL_PER_CLASS = 45, 8  # 135 train images: one step of the preset's batch of 128
+# What two 1-CPU nodes without a GPU cannot take from the preset: 8 GPU workers of 8 CPUs each, 90 epochs,
+# four members of 8 workers. Only these keys and data.root change: the train stage's run spans both nodes,
+# and so do the ensemble's two 1-worker members, trained at once.
+ON_THIS_MACHINE = {
+    "train": {"epochs": 1},
+    "ensemble": {"epochs": 1, "members": 2, "num_workers": 1},
+    "ray": {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1},
+}
+
+
+def imagenet_shaped_tree(root: Path) -> Path:
+    """ILSVRC-2012's layout: train/<wnid>/ folders, a flat val/ labelled by the devkit's ground-truth file
+    and meta.mat, photo-sized JPEGs."""
+    class_folder_tree(root, {"train": {wnid: TRAIN_PER_CLASS for wnid in WNIDS}}, size=PHOTO)
+    val_wnids = [WNIDS[index % len(WNIDS)] for index in range(VAL_PER_CLASS * len(WNIDS))]
+    flat_val_with_devkit(root, val_wnids, WNIDS, size=PHOTO)
+    return root
 
 
 @pytest.mark.timeout(1200)
-def test_the_whole_pipeline_as_one_job_lands_in_the_project(cluster, tracking, tmp_path):
+def test_the_alexnet2012_preset_as_one_job_lands_in_the_project(cluster, tracking, tmp_path):
+    """The README's ImageNet and cluster sections together: a preset copied to params.yaml, its data.root
+    set, and the whole pipeline submitted as one Ray job over both nodes, on an ImageNet-shaped tree."""
     readme = (PROJECT_ROOT / "README.md").read_text()
     assert README_PIPELINE_JOB in readme and README_AFTERWARDS in readme
-    project = clean_copy(tmp_path / "project", {
-        "train": {"models": [FAST_MODEL], "epochs": 1, "resolution": FAST_RESOLUTION},
-        "ensemble": {"model": FAST_MODEL, "members": 1, "epochs": 1, "num_workers": 1, "include": [FAST_MODEL]},
-        "evaluate": {"protocols": ["center"]},
-        "mlflow": {"experiment": "pipeline-job"},
-    })
+    tree = imagenet_shaped_tree(tmp_path / "ILSVRC2012")
+    project = clean_copy(tmp_path / "project", {})
+    shutil.copy(PROJECT_ROOT / PRESET, project / "params.yaml")
+    # The preset's relative devkit paths hold: only the root and the machine-size keys change.
+    change_params(project, ON_THIS_MACHINE | {"data": {"root": str(tree)}})
+    params = load_params(project / "params.yaml")
     command = README_PIPELINE_JOB.replace("127.0.0.1:8265", cluster.dashboard.removeprefix("http://"))
     command = command.replace("http://HEAD_IP:5000", tracking)
+    before = train_workers(cluster)
     job = subprocess.run(["bash", "-c", command], cwd=project, env=cluster.env, capture_output=True, text=True,
                          timeout=1100)
     assert job.returncode == 0, job.stdout + job.stderr
-    # Afterwards the project has what a local `dvc repro` leaves: the lock file, metrics, plots ...
-    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-    assert {"prepare", "preprocess", f"train@{FAST_MODEL}", "ensemble"} <= set(lock)
+    assert ran(job.stdout) == {"prepare", "preprocess", "train@alexnet2012", "evaluate@alexnet2012", "ensemble"}
+    assert "Training 2 members, 2 at a time" in job.stdout
+    # Each stage is a Ray job of its own: the train stage's two workers, and the ensemble's two members,
+    # ran one on each node.
+    spans = nodes_of_new_workers(cluster, before)
+    assert [len(nodes) for nodes in spans.values()] == [2, 2], spans
+
+    # The preset's data preparation, evaluation and papers' table ...
+    dataset = json.loads((project / "data/beton/dataset.json").read_text())
+    assert dataset["classes"] == sorted(WNIDS)
+    assert dataset["preprocess"]["short_side"] == 260 and dataset["preprocess"]["max_resolution"] == 520
+    evaluated = json.loads((project / "outputs/evaluate/alexnet2012/metrics.json").read_text())
+    assert {"center_top1_error", "ten_crop_top1_error", "ten_crop_top5_error"} <= set(evaluated)
+    assert evaluated["ten_crop_top5_error"] == 0, "three classes: top-5 holds them all"
+    ensemble = json.loads((project / "outputs/ensemble/metrics.json").read_text())
+    assert ensemble["protocol"] == "ten_crop" and ensemble["models"] == 3
+    table = (project / "outputs/ensemble/papers.md").read_text()
+    row = next(line for line in table.splitlines()
+               if line.startswith("| alexnet2012 (evaluate@alexnet2012) | ten_crop | 1 |"))
+    assert row.endswith("| 0.407 / 0.182 | Krizhevsky et al. 2012, Table 2 |")
+
+    # ... and what a local `dvc repro` leaves in the project: the lock file, metrics, plots, the run store ...
     status = subprocess.run(["dvc", "status", "--json"], cwd=project, env=cluster.env, capture_output=True,
                             text=True, timeout=300)
     assert json.loads(status.stdout) == {}, "the lock file matches the project: nothing left to reproduce"
@@ -177,10 +211,15 @@ def test_the_whole_pipeline_as_one_job_lands_in_the_project(cluster, tracking, t
                            text=True, timeout=300)
     assert shown.returncode == 0 and "val_top1_error" in shown.stdout, shown.stdout + shown.stderr
     assert (project / "dvc_plots" / "index.html").is_file()
-    assert list(project.glob(f"ray_results/{FAST_MODEL}-*/{RESULT_MARKER}"))
-    # ... and its MLflow runs are at the tracking server, none in a file store of the project.
-    stages = {run.data.tags["dvc_stage"] for run in tracked(tracking, "pipeline-job")}
-    assert stages == {f"train@{FAST_MODEL}", "ensemble"}
+    assert list(project.glob(f"ray_results/alexnet2012-*/{RESULT_MARKER}"))
+    # ... while its MLflow runs are at the tracking server, none in a file store of the project.
+    runs = tracked(tracking, params.mlflow.experiment)
+    assert {run.info.status for run in runs} == {"FINISHED"}
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    assert sorted(run.data.tags["dvc_stage"] for run in parents) == ["ensemble", "train@alexnet2012"]
+    [trained] = [run for run in runs if run.data.tags["dvc_stage"] == "train@alexnet2012"]
+    assert trained.data.params["train.alexnet_groups"] == "2" and trained.data.params["train.pca_lighting_std"] == "0.1"
+    assert "ten_crop_top1_error" in trained.data.metrics, "the evaluate stage logs on the training run"
     assert not (project / "mlflow.db").exists()
 
 

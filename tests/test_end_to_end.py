@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,23 +81,27 @@ def test_dvc_repro_then_params_changes_rerun_only_what_they_shape(tmp_path):
     assert changed_stages(repo) == {f"train@{FAST_MODEL}", "ensemble"}
     (repo / "params.yaml").write_text(original)
 
-    # An experiment in a temporary workspace (DVC deletes it afterwards): its runs land in the project's
-    # stores, where a forced rerun of the same training finds its result instead of training again.
-    dvc(repo, "exp", "run", "--temp", "-S", "train.lr=0.02")
-    shown = dvc(repo, "exp", "show", "--csv")
-    assert "0.02" in shown and "val_top1_error" in shown
-    assert [run.data.params["train.lr"] for run in tracked_runs(repo) if run.data.tags.get("dvc_stage") ==
-            f"train@{FAST_MODEL}"] == ["0.02", "0.01"]
-    change_params(repo, {"train": {"lr": 0.02}})
+    # A finished run is not trained again, whatever made DVC rerun its stage.
     assert f"Reusing {FAST_MODEL}-" in dvc(repo, "repro", "--force", "--single-item", f"train@{FAST_MODEL}")
-    (repo / "params.yaml").write_text(original)
+
+    # An experiment in a temporary workspace (DVC deletes it afterwards) with one more ensemble member:
+    # it reuses the project's member and lands the new one, and its MLflow runs, in the project's stores.
+    output = dvc(repo, "exp", "run", "--temp", "-S", "ensemble.members=2")
+    assert ran(output) == {"ensemble"}
+    assert "Reusing member 0" in output and "Training 1 members" in output
+    shown = dvc(repo, "exp", "show", "--csv")
+    assert "ensemble.members" in shown and "ensemble_top1_error" in shown
+    ensembles = [run for run in tracked_runs(repo)
+                 if run.data.tags.get("dvc_stage") == "ensemble" and "mlflow.parentRunId" not in run.data.tags]
+    assert sorted(run.data.params["ensemble.members"] for run in ensembles) == ["1", "2"]
 
     # A new model trains only itself (GoogLeNet, with its auxiliary heads' losses), is evaluated and
-    # joins the ensemble; more ensemble members train only the new ones.
+    # joins the ensemble, whose two members the project's run store already holds.
     new_models = ["googlenet"]
     change_params(repo, {"train": {"models": [FAST_MODEL, *new_models]},
                          "ensemble": {"members": 2, "include": [FAST_MODEL, *new_models]}})
     output = dvc(repo, "repro")
     assert ran(output) == {f"{stage}@{model}" for stage in ("train", "evaluate") for model in new_models} | {"ensemble"}
     assert json.loads((repo / "outputs/ensemble/metrics.json").read_text())["included"] == [FAST_MODEL, *new_models]
-    assert "Reusing member 0" in output and "Training 1 members" in output
+    assert "Reusing member 0" in output and "Reusing member 1" in output
+    assert not re.search(r"Training \d+ members", output)

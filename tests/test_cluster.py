@@ -27,7 +27,7 @@ from tests.conftest import FAST_MODEL, change_params, clean_copy, training_overr
 from tests.test_end_to_end import ran
 
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
-LONG_RUN_EPOCHS = 12
+LONG_RUN_EPOCHS = 8
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from pipeline.training import run_store, train_model
 from tests.conftest import FAST_MODEL, training_overrides, without_ray_address, write_params
 from tests.test_training import end_tree, wait_for
 
-MEMBERS = 3
+MEMBERS = 2
 
 
 def ensemble_overrides(folder, **ensemble):
@@ -45,7 +45,7 @@ def ensemble_overrides(folder, **ensemble):
 
 @pytest.fixture(scope="module")
 def ensemble_run(tmp_path_factory, ray_cluster, digits_betons):
-    """Three LeNet-5 members combined with the train stage's LeNet-5, which the evaluate stage scored."""
+    """Two LeNet-5 members combined with the train stage's LeNet-5, which the evaluate stage scored."""
     folder = tmp_path_factory.mktemp("ensemble")
     _, params = write_params(folder, ensemble_overrides(folder, include=[FAST_MODEL]))
     data = Location.local(digits_betons)
@@ -84,7 +84,7 @@ def test_outputs_and_curve(ensemble_run):
     assert summary["protocol"] == "center" and summary["included"] == [FAST_MODEL]
     with open(out / "error_curve.csv") as handle:
         curve = list(csv.DictReader(handle))
-    assert [int(row["models"]) for row in curve] == [1, 2, 3, 4]
+    assert [int(row["models"]) for row in curve] == list(range(1, MEMBERS + 2))
     # k=1 is member 0 alone; k=N is the whole ensemble, the included model last.
     assert float(curve[0]["top1_error"]) == summary["model_top1_error"]["member_0"]
     assert float(curve[-1]["top1_error"]) == summary["ensemble_top1_error"]
@@ -151,12 +151,12 @@ def test_refuses_missing_or_unreadable_members(ensemble_run, digits_betons, tmp_
     for member in members:
         load_member(member, runs)  # the copy loads as it is
 
-    (runs.record(members[1].name).folder / RESULT_MARKER).delete()
-    with pytest.raises(EnsembleError, match=r"member 1 \(seed \d+, run .*\) did not finish training"):
+    (runs.record(members[0].name).folder / RESULT_MARKER).delete()
+    with pytest.raises(EnsembleError, match=r"member 0 \(seed \d+, run .*\) did not finish training"):
+        load_member(members[0], runs)
+    (runs.record(members[1].name).folder / RESULT_WEIGHTS).write_bytes(b"truncated")
+    with pytest.raises(EnsembleError, match=r"member 1 \(seed \d+, .*weights in .* do not load"):
         load_member(members[1], runs)
-    (runs.record(members[2].name).folder / RESULT_WEIGHTS).write_bytes(b"truncated")
-    with pytest.raises(EnsembleError, match=r"member 2 \(seed \d+, .*weights in .* do not load"):
-        load_member(members[2], runs)
 
     # An included model's scores must be of this validation set, and exist.
     val = Dataset.read(digits_betons).files["val"]

@@ -29,7 +29,7 @@ from pipeline.training import train_model
 from tests.conftest import FAST_MODEL, training_overrides, without_ray_address, write_params
 
 # Long enough that a kill reliably lands while the run still trains, short with LeNet-5.
-KILL_EPOCHS = 12
+KILL_EPOCHS = 8
 
 EPOCH_METRICS = ["train_loss", "train_top1_error", "val_top1_error", "val_top5_error", "lr",
                  "images_per_s", "epoch_time_s", "data_wait_share"]

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cache, partial
+from typing import TYPE_CHECKING
 
 import torch
 
 from models.alexnet import alexnet, alexnet2012
 from models.convnet import ConvNet
-from models.googlenet import AUX_LOSS_WEIGHT, GoogLeNet, GoogLeNetOutputs
 from models.input_size import InputSizeChecked
 from models.lenet import lenet5
-from models.resnet import BLOCKS as RESNET_BLOCKS
-from models.resnet import ResNet
 from models.vgg import VARIANTS as VGG_VARIANTS
 from models.vgg import vgg
+
+if TYPE_CHECKING:
+    from torchvision.models import GoogLeNetOutputs
 
 __all__ = [
     "RECIPE_OPTIONS",
@@ -29,13 +30,35 @@ __all__ = [
     "training_loss",
 ]
 
+# models/resnet.py's BLOCKS, by name.
+RESNET_NAMES = ("resnet18", "resnet34", "resnet50")
+# Section 5 of the GoogLeNet paper: "During training, their loss gets added to the total loss of the
+# network with a discount weight (the losses of the auxiliary classifiers were weighted by 0.3)."
+AUX_LOSS_WEIGHT = 0.3
+
+
+def _googlenet(num_classes: int, **options) -> InputSizeChecked:
+    # GoogLeNet and the ResNets subclass torchvision's, whose import costs ~1.4 s of CPU (it brings in
+    # torch._dynamo): they are imported when built, so the processes of an AlexNet or VGG run (every Ray
+    # worker and driver imports this registry) do not pay it. See docs/benchmarks.md.
+    from models.googlenet import GoogLeNet
+
+    return GoogLeNet(num_classes, **options)
+
+
+def _resnet(name: str, num_classes: int) -> InputSizeChecked:
+    from models.resnet import ResNet
+
+    return ResNet(name, num_classes)
+
+
 # Each model's builder, called as builder(num_classes, **options) with the options of its recipe keys.
 _BUILDERS: dict[str, Callable[..., InputSizeChecked]] = {
     "alexnet2012": alexnet2012,
     "alexnet": alexnet,
     **{name: partial(vgg, name) for name in VGG_VARIANTS},
-    **{name: partial(ResNet, name) for name in RESNET_BLOCKS},
-    "googlenet": GoogLeNet,
+    **{name: partial(_resnet, name) for name in RESNET_NAMES},
+    "googlenet": _googlenet,
     "lenet5": lenet5,
 }
 
@@ -49,7 +72,7 @@ _RECIPE_KEYS: dict[str, tuple[str, ...]] = {
     # The main classifier's dropout; the auxiliary heads keep the paper's 0.7.
     "googlenet": ("dropout",),
     # No dropout in the ResNets (He et al. 2016, section 3.4: batch norm instead), nor in LeNet-5.
-    **{name: () for name in RESNET_BLOCKS},
+    **{name: () for name in RESNET_NAMES},
     "lenet5": (),
 }
 
@@ -121,7 +144,8 @@ def training_loss(
     and auxiliary logits; as in the paper (section 5) the auxiliary losses are added with weight 0.3:
     criterion(main) + 0.3 * (criterion(aux1) + criterion(aux2)).
     """
-    if isinstance(outputs, GoogLeNetOutputs):
+    # A tensor, or GoogLeNet's GoogLeNetOutputs: a named tuple.
+    if isinstance(outputs, tuple):
         auxiliary = criterion(outputs.aux_logits1, labels) + criterion(outputs.aux_logits2, labels)
         return criterion(outputs.logits, labels) + AUX_LOSS_WEIGHT * auxiliary, outputs.logits
     return criterion(outputs, labels), outputs

@@ -8,11 +8,7 @@ from torchvision.models import GoogLeNetOutputs
 
 from models.input_size import InputSizeChecked
 
-__all__ = ["AUX_LOSS_WEIGHT", "GoogLeNet", "GoogLeNetOutputs"]
-
-# Section 5: "During training, their loss gets added to the total loss of the network with a discount
-# weight (the losses of the auxiliary classifiers were weighted by 0.3)."
-AUX_LOSS_WEIGHT = 0.3
+__all__ = ["GoogLeNet", "GoogLeNetOutputs"]
 
 
 class GoogLeNet(InputSizeChecked, torchvision.models.GoogLeNet):

@@ -32,8 +32,6 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 from PIL import Image
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from pipeline.config import DataParams
 from pipeline.errors import InputError
@@ -167,6 +165,11 @@ def _publish(out: Path, build: Callable[[Path], PreparedDataset]) -> PreparedDat
 
 
 def _write_digits_tree(params: DataParams, images_dir: Path) -> PreparedDataset:
+    # Imported here, not at the top: every Ray worker imports this module and only the prepare stage
+    # needs scikit-learn (0.8 s of CPU per process on a 2-core laptop; docs/benchmarks.md).
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     digits = load_digits()
     indices = np.arange(len(digits.target))
     train_indices, val_indices = train_test_split(

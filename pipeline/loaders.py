@@ -47,10 +47,8 @@ from ffcv.traversal_order.quasi_random import QuasiRandom, generate_order_inner
 from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from pipeline.config import VAL_CROP_RATIO
+from pipeline.val_transform import IMAGENET_MEAN, IMAGENET_STD
 
-# ImageNet statistics on the 0..255 scale the decoders produce.
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
-IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
 # Principal components of ImageNet's RGB pixel covariance (pixels in 0..1), as fb.resnet.torch and
 # timm carry them: eigenvalues, and eigenvectors as columns.
 IMAGENET_PCA_EIGENVALUES = torch.tensor([0.2175, 0.0188, 0.0045])

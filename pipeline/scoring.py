@@ -37,7 +37,6 @@ from models import ConvNet
 from pipeline.combine import top_k_errors
 from pipeline.config import VAL_CROP_RATIO, Params
 from pipeline.errors import InputError
-from pipeline.loaders import make_val_loader
 from pipeline.local_data import local_copy
 from pipeline.runs import RunSpec
 from pipeline.storage import Location
@@ -145,6 +144,10 @@ def score_share(spec: RunSpec, weights: dict[str, torch.Tensor], data: Location,
                 scales: list[int], batch_size: int, indices: list[int], threads: int, amp: bool
                 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """One task's work: {protocol: (log-probabilities float16, labels)} for the validation images `indices`."""
+    # Imported here, in the task: the drivers and trials that import this module read no data, and
+    # FFCV costs 3.5 s of CPU to import.
+    from pipeline.loaders import make_val_loader
+
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = spec.build_model()

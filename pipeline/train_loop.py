@@ -31,7 +31,6 @@ import models
 from models.layer_table import layer_table
 from pipeline.config import TrainRecipe
 from pipeline.image_tree import DataError
-from pipeline.loaders import make_train_loader, make_val_loader
 from pipeline.local_data import local_copy
 from pipeline.runs import RunSpec
 from pipeline.storage import Location
@@ -110,6 +109,11 @@ def train_worker(loop_config: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, history = state["epoch"] + 1, state["history"]
+
+    # Imported here: FFCV (with numba and OpenCV) costs 3.5 s of CPU to import, and of the processes that
+    # import this module only the workers read data (Ray Train's controller and an ensemble member's
+    # trial import it too, to unpickle the job). See docs/benchmarks.md.
+    from pipeline.loaders import make_train_loader, make_val_loader
 
     betons = node_local_betons(job)
     per_worker_batch = recipe.batch_size // world

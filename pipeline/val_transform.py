@@ -17,8 +17,10 @@ import torch
 
 from pipeline.config import VAL_CROP_RATIO
 from pipeline.image_check import UnusableImage, load_rgb
-from pipeline.loaders import IMAGENET_MEAN, IMAGENET_STD
 
+# ImageNet statistics on the 0..255 scale the decoders produce; the loaders' pipelines use them too.
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
+IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
 
 @dataclass(frozen=True)
 class ValTransform:

@@ -20,15 +20,39 @@ from tests.conftest import FAST_MODEL
 DVC_YAML = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
 PROJECT_PACKAGES = ("pipeline", "models", "stages")
 # Runs the stage's main with its dvc.yaml arguments but a params file that does not exist, so it imports
-# what it imports before its work (some stages import inside main) and stops at reading the params.
+# what it imports before its work (some stages import inside main) and stops at reading the params; then
+# imports, until none is left, what those modules import inside functions (the stage's Ray workers and
+# tasks import FFCV's loaders there, the model registry a model's module when it builds it), within the
+# project packages already loaded: pipeline/config.py imports the registry only to check model names, so
+# a stage that does not load it otherwise depends on no model.
 LIST_IMPORTS = """
-import contextlib, importlib, io, json, pathlib, sys
+import ast, contextlib, importlib, io, json, pathlib, sys
 with contextlib.redirect_stderr(io.StringIO()):
     assert importlib.import_module(sys.argv[1]).main(sys.argv[2:]) == 2
 root = pathlib.Path.cwd().resolve()
-paths = {pathlib.Path(m.__file__).resolve() for m in list(sys.modules.values()) if getattr(m, "__file__", None)}
-print(json.dumps(sorted(str(p.relative_to(root)) for p in paths
-                        if p.is_relative_to(root) and p.relative_to(root).parts[0] in %r)))
+packages = %r
+
+def project_files():
+    paths = {pathlib.Path(m.__file__).resolve() for m in list(sys.modules.values()) if getattr(m, "__file__", None)}
+    return {p for p in paths if p.is_relative_to(root) and p.relative_to(root).parts[0] in packages}
+
+def imported_names(path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module
+            yield from (f"{node.module}.{alias.name}" for alias in node.names)
+
+seen = set()
+while unread := project_files() - seen:
+    for path in unread:
+        seen.add(path)
+        for name in imported_names(path):
+            if name.split(".")[0] in packages and name.split(".")[0] in sys.modules and name not in sys.modules:
+                with contextlib.suppress(ModuleNotFoundError):  # `from module import name`: not a module
+                    importlib.import_module(name)
+print(json.dumps(sorted(str(p.relative_to(root)) for p in seen)))
 """ % (PROJECT_PACKAGES,)
 
 

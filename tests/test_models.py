@@ -15,6 +15,7 @@ from torchvision.models import GoogLeNetOutputs
 
 import models
 from models.layer_table import LayerTable, layer_table, main, receptive_field_comparison
+from models.resnet import BLOCKS
 from models.shapes import feature_maps, trace
 
 # torchvision's published counts (each model's ImageNet weights list them: e.g.
@@ -115,6 +116,7 @@ def family_model(request: pytest.FixtureRequest) -> models.InputSizeChecked:
 
 def test_names_are_sorted_and_complete() -> None:
     assert models.names() == sorted(PARAMETERS_AT_1000_CLASSES)
+    assert set(models.RESNET_NAMES) == set(BLOCKS)
 
 
 @pytest.mark.parametrize(

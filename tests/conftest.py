@@ -139,12 +139,18 @@ def without_ray_address() -> dict:
     return {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
 
 
+# Where the pipeline writes files that Git does not ignore (metrics and plots): in the project, a run's.
+PIPELINE_OUTPUTS = ("outputs/", "reports/")
+
+
 def clean_copy(target: Path, params: dict) -> Path:
     """What a fresh clone holds (the tracked files plus new ones git would add, none of the outputs),
     committed to a git repository of its own, with `params` changed in its params.yaml."""
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=PROJECT_ROOT,
                             capture_output=True, text=True, check=True).stdout.split("\0")
     for name in filter(None, listed):
+        if name.startswith(PIPELINE_OUTPUTS):
+            continue
         source = PROJECT_ROOT / name
         if source.is_file():
             (target / name).parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ recipe's batch and resolution, and forward passes at evaluate.batch_size. Its ti
 images divided by those rates. The pipeline's part is the wall time of `dvc repro` in a fresh clone of
 this checkout (its own stores: nothing is reused), --runs times one after the other; a stage's time runs
 from DVC's "Running stage" line to the next one's (or the end). The efficiency reported is the median
-run's.
+run's (of an even count, the slower of the middle two).
 """
 
 from __future__ import annotations

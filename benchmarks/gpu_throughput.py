@@ -16,7 +16,7 @@ Without --data it writes --images photo-like 400x300 JPEGs (benchmarks/loader_th
 (FFCV compiles its numba pipeline, cuDNN picks its algorithms, torch.compile compiles); the rate is
 taken over the epochs after it, with the GPU synchronised at both ends. MFU is the model's training
 FLOP/s (6 x the forward MACs of models/layer_table.py per image) over the GPU's dense peak, for the
-GPUs pipeline/train_loop.py knows.
+GPUs pipeline/training/worker.py knows.
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 import models
 from benchmarks.loader_throughput import write_sample_tree
-from models.layer_table import layer_table
-from pipeline.beton import preprocess
+from models.layers import layer_table
+from pipeline.data.beton import preprocess
 from pipeline.config import PreprocessParams
-from pipeline.dataset import Dataset
-from pipeline.image_tree import read_tree
-from pipeline.loaders import make_train_loader
-from pipeline.train_loop import TRAINING_FLOPS_PER_MAC, gpu_peak_flops
+from pipeline.data.dataset import Dataset
+from pipeline.data.tree import read_tree
+from pipeline.data.loaders import make_train_loader
+from pipeline.training.device import TRAINING_FLOPS_PER_MAC, gpu_peak_flops
 
 RESOLUTION = 224
 NUM_CLASSES = 1000

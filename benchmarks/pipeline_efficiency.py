@@ -33,8 +33,8 @@ from torch import nn
 
 import models
 from pipeline.config import PROJECT_ROOT, Params, load_params
-from pipeline.dataset import Dataset
-from pipeline.scoring import image_streams
+from pipeline.data.dataset import Dataset
+from pipeline.scoring.protocols import image_streams
 
 MIRRORED = 2  # a view and its mirror image
 STAGE_LINE = re.compile(r"Running stage '(.+)':")

@@ -1,4 +1,4 @@
-"""Preprocess throughput: the stage's writer (pipeline/beton.py write_beton) against FFCV's own
+"""Preprocess throughput: the stage's writer (pipeline/data/beton.py write_beton) against FFCV's own
 DatasetWriter on the same ImageNet-shaped JPEGs, with the same fields and the same worker count.
 
 Both store RGBImageField(write_mode "proportion", compress_probability 0.5, jpeg_quality 90,
@@ -42,10 +42,10 @@ from ffcv.writer import DatasetWriter
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from pipeline.beton import CHUNK, BetonWriter, page_size, worker_pool, write_beton
+from pipeline.data.beton import CHUNK, BetonWriter, page_size, worker_pool, write_beton
 from pipeline.config import PreprocessParams
-from pipeline.dataset import file_sha256
-from pipeline.image_check import ImageStorage, store_images
+from pipeline.data.dataset import file_sha256
+from pipeline.data.images import ImageStorage, store_images
 
 SOURCE_SIZE = (500, 375)  # width, height: a common ILSVRC-2012 shape
 JPEG_QUALITY = 90

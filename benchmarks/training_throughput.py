@@ -4,7 +4,7 @@
 2. the same loop fed from in-memory tensors (the same batches, decoded once beforehand): the gap
    between 1 and 2 is what data loading costs,
 3. the FFCV loop inside Ray Train with 1 worker: the gap between 1 and 3 is what Ray Train costs,
-4. the loop on in-memory tensors as pipeline/train_loop.py ran it before issue #12: the loss and the
+4. the loop on in-memory tensors as pipeline/training/worker.py ran it before issue #12: the loss and the
    correct count read from the device after every step, SGD's default implementation; and
 5. the same with the running sums kept on the device (the reads gone, SGD unchanged): 2 against 4 is
    what the new hot path gains, 5 against 4 what removing the reads alone does.
@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 import models
-from pipeline.loaders import make_train_loader
-from pipeline.dataset import Dataset
+from pipeline.data.loaders import make_train_loader
+from pipeline.data.dataset import Dataset
 
 
 def images_per_second(model: nn.Module, batches_per_epoch, epochs: int, *, read_every_step: bool = False,

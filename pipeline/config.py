@@ -67,13 +67,12 @@ class PreprocessParams(Section):
         return self
 
 
-class TrainRecipe(Section):
-    """How one model is trained: shared by the train stage and every ensemble member."""
+class Recipe(Section):
+    """How one model is trained, epoch by epoch: shared by the train stage and every ensemble member.
+    How long and from which seed are not part of it: each run (pipeline/runs/identity.py) has its own."""
 
-    models: list[str]
     alexnet_groups: Literal[1, 2]
     alexnet_init: Literal["paper", "kaiming"]
-    epochs: int = Field(gt=0)
     batch_size: int = Field(gt=0)
     lr: float = Field(gt=0)
     momentum: float = Field(ge=0, lt=1)
@@ -89,7 +88,6 @@ class TrainRecipe(Section):
     pca_lighting_std: float = Field(ge=0)
     amp: bool
     channels_last: bool
-    seed: int = Field(ge=0)
     # Defaults for params built without them; params.yaml sets and explains each.
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     decay_norm_and_bias: bool = True
@@ -99,8 +97,20 @@ class TrainRecipe(Section):
     compile: bool = False
     log_every_s: float = Field(default=10.0, gt=0)
 
+
+class TrainParams(Recipe):
+    """The train section: the recipe, and the models the train stage trains with it, for how many
+    epochs, from which seed."""
+
+    models: list[str]
+    epochs: int = Field(gt=0)
+    seed: int = Field(ge=0)
+
+    def recipe(self) -> Recipe:
+        return Recipe(**self.model_dump(include=set(Recipe.model_fields)))
+
     @model_validator(mode="after")
-    def _models_known_and_fit_resolution(self) -> TrainRecipe:
+    def _models_known_and_fit_resolution(self) -> TrainParams:
         if not self.models:
             import models
 
@@ -163,7 +173,7 @@ class MlflowParams(Section):
 class Params(Section):
     data: DataParams
     preprocess: PreprocessParams
-    train: TrainRecipe
+    train: TrainParams
     evaluate: EvaluateParams
     ensemble: EnsembleParams
     ray: RayParams

@@ -2,10 +2,10 @@
 found again by their run name, and final statuses that tell the truth.
 
 The store is mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else the SQLite file mlflow.db in the
-project's home (pipeline/locations.py), by absolute path, with artifacts in the home's mlartifacts/.
+project's home (pipeline/storage/paths.py), by absolute path, with artifacts in the home's mlartifacts/.
 SQLite takes one writer at a time, so one process writes at a time: the driver before and after
 training, rank 0 of a training run while it trains, the ensemble driver for its members. With several
-Ray nodes the store must be a tracking server (pipeline/cluster.py refuses a file store then).
+Ray nodes the store must be a tracking server (pipeline/runs/cluster.py refuses a file store then).
 """
 
 from __future__ import annotations
@@ -23,16 +23,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import filelock
+import mlflow
+import torch
 from requests.exceptions import RequestException
 from sqlalchemy.exc import SQLAlchemyError
-import mlflow
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PROJECT_ROOT, MlflowParams
+from pipeline.data.dataset import Dataset
 from pipeline.errors import InputError
-from pipeline.locations import HOME_VARIABLE, project_home
+from pipeline.storage.paths import HOME_VARIABLE, project_home
 
 RUN_NAME_TAG = "run_name"
 # The metric whose logged steps say which epochs a run has in the store.
@@ -57,10 +59,6 @@ class Store:
     uri: str
     client: MlflowClient
     experiment_id: str
-
-    @property
-    def is_file_store(self) -> bool:
-        return is_file_store(self.uri)
 
 
 @dataclass(frozen=True)
@@ -282,3 +280,24 @@ def closed_with_true_status(client: MlflowClient, run_id: str) -> Iterator[None]
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def log_model(uri: str, run_id: str, model: torch.nn.Module, dataset: Dataset,
+              resolution: int) -> mlflow.models.model.ModelInfo:
+    """MLflow's pt2 format: an exported graph that loads without this project's code or pickle, with the
+    class names and the validation transform as metadata, so `predict` needs nothing else."""
+    # Imported here: the transform brings OpenCV and Pillow, which the training workers (they import
+    # this module to log their epochs) never use.
+    from pipeline.data.transforms import ValTransform
+
+    mlflow.set_tracking_uri(uri)
+    transform = ValTransform.for_data(dataset.preprocess, resolution)
+    # A batch of 2: torch.export fixes size-1 dimensions, and the batch must stay free.
+    example = torch.zeros(2, 3, transform.resolution, transform.resolution).numpy()
+    with mlflow.start_run(run_id=run_id):
+        # Explicit requirements: inferring them imports and probes the whole venv (slow, and noisy).
+        return mlflow.pytorch.log_model(
+            model.eval(), name="model", input_example=example, serialization_format="pt2",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            metadata={"classes": dataset.classes, "transform": transform.metadata()},
+        )

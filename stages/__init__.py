@@ -1,10 +1,13 @@
-"""One thin entry point per DVC stage: parse arguments, load params, call pipeline/."""
+"""One thin entry point per DVC stage: parse arguments, load params, call the stage's driver in
+pipeline/drivers/."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from pipeline.errors import ExplainedFailure, InputError
 
@@ -22,6 +25,18 @@ def require_project_environment() -> None:
 
 
 require_project_environment()
+
+
+def stage_parser(description: str, *, model: bool = False, data: bool = False) -> argparse.ArgumentParser:
+    """The arguments stages share: --params always, --model for the stages of one trained model, --data
+    for the stages that read the .beton files."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    if model:
+        parser.add_argument("--model", required=True, help="one of params.yaml's train.models")
+    if data:
+        parser.add_argument("--data", default="data/beton", help="folder with dataset.json, train.beton and val.beton")
+    return parser
 
 
 def run_stage(stage: Callable[[], object]) -> int:

@@ -4,20 +4,17 @@ papers' figures."""
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-from pipeline.config import load_params
-from pipeline.ensemble import run_ensemble
-from pipeline.locations import command_line_location
-from stages import run_stage
+from stages import run_stage, stage_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--data", default="data/beton", help="folder with dataset.json, train.beton and val.beton")
+    from pipeline.config import load_params
+    from pipeline.drivers.ensemble import run_ensemble
+    from pipeline.storage.paths import command_line_location
+
+    parser = stage_parser(__doc__, data=True)
     parser.add_argument("--evaluations", default="outputs/evaluate",
                         help="the evaluate stage's outputs: <model>/metrics.json and <model>/scores/")
     parser.add_argument("--out", required=True,

@@ -4,21 +4,17 @@ cluster, with per-image scores for the ensemble, per-class errors and a confusio
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-from pipeline.config import load_params
-from pipeline.evaluation import evaluate_model
-from pipeline.locations import command_line_location
-from stages import run_stage
+from stages import run_stage, stage_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--model", required=True, help="one of params.yaml's train.models")
-    parser.add_argument("--data", default="data/beton", help="folder with dataset.json, train.beton and val.beton")
+    from pipeline.config import load_params
+    from pipeline.drivers.evaluate import evaluate_model
+    from pipeline.storage.paths import command_line_location
+
+    parser = stage_parser(__doc__, model=True, data=True)
     parser.add_argument("--weights", required=True, help="the train stage's model.pt")
     parser.add_argument("--out", required=True, help="folder or URI for metrics.json, scores/, per_class.csv, confusion.csv")
     args = parser.parse_args(argv)

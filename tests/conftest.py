@@ -116,8 +116,8 @@ def trained_run(tmp_path_factory, ray_cluster, digits_tree):
     """One real training run (alexnet2012, 3 epochs, 2 Ray workers) shared by the tests that inspect it.
     It trains on all the digits: on the 300-image subset, 27 steps are too few for a dependable
     better-than-chance result."""
-    from pipeline.storage import Location
-    from pipeline.training import train_model
+    from pipeline.storage.location import Location
+    from pipeline.drivers.train import train_model
 
     betons = preprocess(digits_tree, digits_tree / "params.yaml")
     folder = tmp_path_factory.mktemp("trained")

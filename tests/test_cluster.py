@@ -18,8 +18,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PROJECT_ROOT, load_params
-from pipeline.runs import RAY_SNAPSHOT, RESULT_MARKER, RESULT_WEIGHTS
-from pipeline.storage import Location
+from pipeline.runs.store import RAY_SNAPSHOT, RESULT_MARKER, RESULT_WEIGHTS
+from pipeline.storage.location import Location
 from tests._trees import WNIDS, class_folder_tree, flat_val_with_devkit
 from tests.cluster import LocalCluster, mlflow_server, s3_server, wait_until
 from tests.conftest import FAST_MODEL, change_params, clean_copy, training_overrides, write_params

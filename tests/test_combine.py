@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.combine import combine, error_curve, top_k_errors
+from pipeline.scoring.combine import combine, error_curve, top_k_errors
 
 # Two members, two samples, three classes. Sample 0's true class is 0, sample 1's is 2.
 LOGITS = torch.tensor(

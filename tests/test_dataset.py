@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from pipeline.dataset import BetonFile, Dataset
-from pipeline.image_tree import DataError
+from pipeline.data.dataset import BetonFile, Dataset
+from pipeline.errors import DataError
 
 
 def test_dataset_read_names_what_is_missing_or_changed(tmp_path):

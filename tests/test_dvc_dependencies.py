@@ -14,7 +14,7 @@ import yaml
 
 import models
 from pipeline.config import PROJECT_ROOT, EnsembleParams, EvaluateParams, PreprocessParams, TrainRecipe, load_params
-from pipeline.runs import RunSpec
+from pipeline.runs.identity import RunSpec
 from tests.conftest import FAST_MODEL
 
 DVC_YAML = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]

@@ -14,8 +14,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PROJECT_ROOT
-from pipeline.dataset import Dataset
-from pipeline.ensemble import (
+from pipeline.data.dataset import Dataset
+from pipeline.drivers.ensemble import (
     EnsembleError,
     best_member,
     included_scores,
@@ -24,11 +24,11 @@ from pipeline.ensemble import (
     plan_members,
     run_ensemble,
 )
-from pipeline.evaluation import evaluate_model
-from pipeline.runs import RESULT_MARKER, RESULT_WEIGHTS
-from pipeline.scoring import ScoresError
-from pipeline.storage import Location
-from pipeline.training import run_store, train_model
+from pipeline.drivers.evaluate import evaluate_model
+from pipeline.runs.store import RESULT_MARKER, RESULT_WEIGHTS
+from pipeline.scoring.protocols import ScoresError
+from pipeline.storage.location import Location
+from pipeline.drivers.train import run_store, train_model
 from tests.conftest import FAST_MODEL, training_overrides, without_ray_address, write_params
 from tests.test_training import end_tree, wait_for
 

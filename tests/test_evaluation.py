@@ -16,12 +16,12 @@ from ffcv.reader import Reader
 from mlflow.tracking import MlflowClient
 
 import models
-from pipeline.combine import combine, top_k_errors
-from pipeline.dataset import Dataset
-from pipeline.evaluation import evaluate_model
-from pipeline.loaders import make_val_loader
-from pipeline.predict import from_weights
-from pipeline.scoring import (
+from pipeline.scoring.combine import combine, top_k_errors
+from pipeline.data.dataset import Dataset
+from pipeline.drivers.evaluate import evaluate_model
+from pipeline.data.loaders import make_val_loader
+from pipeline.drivers.predict import from_weights
+from pipeline.scoring.protocols import (
     Scores,
     ScoresError,
     dense_logits,
@@ -30,8 +30,8 @@ from pipeline.scoring import (
     score_share,
     scores_file,
 )
-from pipeline.storage import Location
-from pipeline.training import run_spec
+from pipeline.storage.location import Location
+from pipeline.drivers.train import run_spec
 from tests.conftest import PROJECT_ROOT
 
 PROTOCOLS = ["center", "center_mirror", "ten_crop", "multi_scale"]
@@ -197,7 +197,7 @@ def test_predict_top1_matches_the_evaluation(evaluated, trained_run, digits_tree
 
 
 def run_predict(*arguments: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.predict", *arguments], cwd=PROJECT_ROOT, text=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.drivers.predict", *arguments], cwd=PROJECT_ROOT, text=True,
                           capture_output=True, timeout=300, env=os.environ | (env or {}))
 
 

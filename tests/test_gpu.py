@@ -3,7 +3,7 @@
 One Ray worker on one GPU, LeNet-5 on the digits subset (the plumbing, not the model, is under test):
 bf16 autocast with channels_last and torch.compile, fp16 autocast with the GradScaler, a run stopped
 after its first checkpoint and resumed, and the GPU loader's batches checked value by value while the
-GPU lags behind the Python code (the case pipeline/loaders.py's notes on CUDA streams are about).
+GPU lags behind the Python code (the case pipeline/data/loaders.py's notes on CUDA streams are about).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import yaml
 from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
 
 from pipeline.config import PROJECT_ROOT
-from pipeline.loaders import IMAGENET_MEAN, IMAGENET_STD, make_val_loader
-from pipeline.storage import Location
-from pipeline.train_loop import PEAK_TFLOPS
-from pipeline.training import train_model
+from pipeline.data.loaders import IMAGENET_MEAN, IMAGENET_STD, make_val_loader
+from pipeline.storage.location import Location
+from pipeline.training.worker import PEAK_TFLOPS
+from pipeline.drivers.train import train_model
 from tests.conftest import FAST_MODEL, training_overrides, write_params
 from tests.test_loaders import flat_colour_beton
 from tests.test_training import (

@@ -14,7 +14,7 @@ LOADED_ONLY_WHEN_USED = {"ffcv", "torchvision", "sklearn"}
 
 
 def test_processes_that_read_no_data_import_neither_ffcv_torchvision_nor_scikit_learn() -> None:
-    modules = "pipeline.train_loop, pipeline.ensemble, pipeline.scoring, stages.train, stages.evaluate, stages.ensemble"
+    modules = "pipeline.training.worker, pipeline.drivers.ensemble, pipeline.scoring.protocols, stages.train, stages.evaluate, stages.ensemble"
     check = f"import sys, {modules}; print(sorted({sorted(LOADED_ONLY_WHEN_USED)} & sys.modules.keys()))"
     found = subprocess.run([sys.executable, "-c", check], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
     assert found.stdout.strip() == "[]"

@@ -15,9 +15,9 @@ from PIL import Image
 from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline.beton import write_beton
+from pipeline.data.beton import write_beton
 from pipeline.config import PROJECT_ROOT, PreprocessParams
-from pipeline.loaders import (
+from pipeline.data.loaders import (
     IMAGENET_MEAN,
     IMAGENET_PCA_EIGENVALUES,
     IMAGENET_PCA_EIGENVECTORS,

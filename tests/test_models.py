@@ -14,7 +14,8 @@ from torch import fx, nn
 from torchvision.models import GoogLeNetOutputs
 
 import models
-from models.layer_table import LayerTable, layer_table, main, receptive_field_comparison
+from models.layer_table import main, receptive_field_comparison
+from models.layers import LayerTable, layer_table
 from models.resnet import BLOCKS
 from models.shapes import feature_maps, trace
 

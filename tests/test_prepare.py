@@ -20,7 +20,8 @@ import yaml
 from PIL import Image
 
 from pipeline.config import PROJECT_ROOT, DataParams
-from pipeline.image_tree import DataError, prepare, read_prepared
+from pipeline.errors import DataError
+from pipeline.data.tree import prepare, read_prepared
 from tests._trees import WNIDS, class_folder_tree, flat_val_with_devkit, write_photo
 
 

@@ -23,11 +23,12 @@ from ffcv.reader import Reader
 from ffcv.writer import DatasetWriter
 from PIL import Image
 
-from pipeline.beton import preprocess, worker_pool, write_beton
+from pipeline.data.beton import preprocess, worker_pool, write_beton
 from pipeline.config import PROJECT_ROOT, DataParams, PreprocessParams
-from pipeline.dataset import Dataset
-from pipeline.image_check import load_rgb
-from pipeline.image_tree import DataError, prepare, read_tree
+from pipeline.data.dataset import Dataset
+from pipeline.data.images import load_rgb
+from pipeline.errors import DataError
+from pipeline.data.tree import prepare, read_tree
 from tests._trees import WNIDS, class_folder_tree, jpeg_bytes, write_photo
 
 MAX_RESOLUTION = 64
@@ -240,9 +241,9 @@ def test_killed_stage_leaves_no_beton_and_a_rerun_succeeds(tmp_path, params_dict
 
     # Its own session, so the kill reaches the worker processes too.
     stage = run_stage(tmp_path, params_dict, tmp_path / "prepared", out, start_new_session=True)
-    partial = out / ".train.beton.partial"
     deadline = time.monotonic() + 120
-    while not (partial.exists() and partial.stat().st_size) and stage.poll() is None and time.monotonic() < deadline:
+    while not any(partial.stat().st_size for partial in out.glob(".train.beton.*.partial")) and stage.poll() is None \
+            and time.monotonic() < deadline:
         time.sleep(0.01)
     os.killpg(stage.pid, signal.SIGKILL)
     stage.wait()

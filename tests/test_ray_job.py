@@ -133,5 +133,5 @@ def test_the_upload_holds_code_and_params_not_weights_or_stores(project):
     package = project.parent / "package.zip"
     _zip_files(str(project), [], str(package), include_gitignore=True)
     names = ZipFile(package).namelist()
-    assert {"params.yaml", "dvc.yaml", "stages/train.py", "pipeline/runs.py", "models/lenet.py"} <= set(names)
+    assert {"params.yaml", "dvc.yaml", "stages/train.py", "pipeline/runs/store.py", "models/lenet.py"} <= set(names)
     assert not [name for name in names if name.endswith((".pt", ".npz", ".db", ".beton")) or name.startswith("data/")]

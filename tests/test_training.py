@@ -21,11 +21,11 @@ from torch import nn
 import models
 from pipeline import tracking
 from pipeline.config import PROJECT_ROOT, MlflowParams, load_params
-from pipeline.image_tree import DataError
-from pipeline.runs import RAY_SNAPSHOT
-from pipeline.storage import Location
-from pipeline.train_loop import parameter_groups
-from pipeline.training import train_model
+from pipeline.errors import DataError
+from pipeline.runs.store import RAY_SNAPSHOT
+from pipeline.storage.location import Location
+from pipeline.training.optim import parameter_groups
+from pipeline.drivers.train import train_model
 from tests.conftest import FAST_MODEL, training_overrides, without_ray_address, write_params
 
 # Long enough that a kill reliably lands while the run still trains, short with LeNet-5.

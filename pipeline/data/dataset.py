@@ -1,6 +1,6 @@
 """dataset.json: the description the preprocess stage writes beside its .beton files, and its reader.
 
-<out>/dataset.json is renamed into place after both .beton files (pipeline/beton.py), so its presence
+<out>/dataset.json is renamed into place after both .beton files (pipeline/data/beton.py), so its presence
 means the set is complete:
   {"format": 1,
    "classes": [name of label 0, name of label 1, ...],       the prepared classes.json's, in label order
@@ -17,9 +17,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.image_tree import SPLITS, DataError
+from pipeline.errors import DataError
 
 FORMAT = 1
+SPLITS = ("train", "val")
 FILE_NAME = "dataset.json"
 
 
@@ -77,7 +78,7 @@ class Dataset:
     @classmethod
     def parse(cls, text: str, folder: Path, source: str) -> Dataset:
         """The description in `text` (read from `source`, named in errors), for files in `folder`, which
-        need not hold them yet (pipeline/local_data.py copies them there from a URI)."""
+        need not hold them yet (pipeline/data/node_copy.py copies them there from a URI)."""
         try:
             description = json.loads(text)
         except json.JSONDecodeError as error:

@@ -82,22 +82,12 @@ class Location:
     def is_dir(self) -> bool:
         return self._info().type == pafs.FileType.Directory
 
-    def size(self) -> int:
-        return self._info().size
-
     def children(self) -> list[Location]:
         """Entries directly inside this folder; none when it does not exist."""
         if not self.is_dir():
             return []
         infos = self.filesystem.get_file_info(pafs.FileSelector(self.path, recursive=False))
         return [Location(self.filesystem, info.path) for info in sorted(infos, key=lambda info: info.path)]
-
-    def total_size(self) -> int:
-        """Bytes under this folder (or of this file)."""
-        if not self.is_dir():
-            return self.size() if self.exists() else 0
-        infos = self.filesystem.get_file_info(pafs.FileSelector(self.path, recursive=True))
-        return sum(info.size or 0 for info in infos if info.type == pafs.FileType.File)
 
     def make_dirs(self) -> None:
         self.filesystem.create_dir(self.path, recursive=True)
@@ -108,12 +98,6 @@ class Location:
 
     def read_text(self) -> str:
         return self.read_bytes().decode()
-
-    @contextlib.contextmanager
-    def open_read(self) -> Iterator[IO[bytes]]:
-        """A seekable binary file (torch.load needs to seek)."""
-        with self.filesystem.open_input_file(self.path) as stream:
-            yield stream
 
     @contextlib.contextmanager
     def open_write(self) -> Iterator[IO[bytes]]:
@@ -147,14 +131,9 @@ class Location:
             self.filesystem.delete_file(self.path)
 
     def download(self, target: Path) -> None:
-        """Copies this file to a local path (written beside it and renamed into place)."""
-        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
-        try:
-            pafs.copy_files(self.path, str(partial), source_filesystem=self.filesystem,
-                            destination_filesystem=pafs.LocalFileSystem())
-            os.replace(partial, target)
-        finally:
-            partial.unlink(missing_ok=True)
+        """Copies this file to a local path."""
+        pafs.copy_files(self.path, str(target), source_filesystem=self.filesystem,
+                        destination_filesystem=pafs.LocalFileSystem())
 
 
 def _s3_with_explicit_keys(uri: str, environ: Mapping[str, str]) -> pafs.S3FileSystem:

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import filelock
 
-from pipeline.dataset import FILE_NAME, Dataset, file_sha256
-from pipeline.image_tree import DataError
-from pipeline.storage import Location
+from pipeline.data.dataset import FILE_NAME, Dataset, file_sha256
+from pipeline.errors import DataError
+from pipeline.storage import atomic
+from pipeline.storage.location import Location
 
 LOCK_TIMEOUT_S = 6 * 3600  # another worker may be copying a few hundred GB
 
@@ -50,13 +51,11 @@ def local_copy(data: Location, cache: Path) -> Dataset:
         for beton in wanted.files.values():
             if beton.path.is_file() and beton.path.stat().st_size == beton.bytes and _verified(beton.path, beton.sha256):
                 continue
-            partial = beton.path.with_name(f".{beton.path.name}.partial")
-            (data / beton.path.name).download(partial)
-            if file_sha256(partial) != beton.sha256:
-                partial.unlink()
-                raise DataError(f"{data / beton.path.name}: its SHA-256 is not the one {data / FILE_NAME} records; "
-                                "the data changed while it was copied: run the preprocess stage again")
-            partial.replace(beton.path)
+            with atomic.replacing(beton.path) as partial:
+                (data / beton.path.name).download(partial)
+                if file_sha256(partial) != beton.sha256:
+                    raise DataError(f"{data / beton.path.name}: its SHA-256 is not the one {data / FILE_NAME} "
+                                    "records; the data changed while it was copied: run the preprocess stage again")
             _mark_verified(beton.path, beton.sha256)
         (folder / FILE_NAME).write_text((data / FILE_NAME).read_text())
     return Dataset.read(folder)

@@ -8,7 +8,7 @@ mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else the project's mlflow.db; it
 and validation transform as metadata. A model.pt is read with params.yaml (which model, its options)
 and --data's dataset.json (the classes and how the images were stored). Images in any format the
 preprocess stage accepts get the validation transform the model was evaluated with
-(pipeline/val_transform.py).
+(pipeline/data/transforms.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import InputError
-from pipeline.val_transform import UnusableImage, ValTransform
+from pipeline.data.transforms import UnusableImage, ValTransform
 
 TOP = 5
 BATCH = 32
@@ -70,16 +70,15 @@ def from_mlflow(uri: str, tracking_uri: str) -> Predictor:
 
 def from_weights(path: Path, params_path: Path, data: Path, model_name: str | None) -> Predictor:
     from pipeline.config import load_params
-    from pipeline.dataset import Dataset
-    from pipeline.training import run_spec
+    from pipeline.data.dataset import Dataset
+    from pipeline.runs.identity import build_model
 
     params = load_params(params_path)
     dataset = Dataset.read(data)
     name = model_name or path.parent.name
     if name not in params.train.models:
         raise InputError(f"{path}: which model? pass --name, one of train.models {params.train.models}")
-    spec = run_spec(params, name, dataset, seed=0, epochs=1, num_workers=1)
-    model = spec.build_model()
+    model = build_model(name, dataset.num_classes, params.train.recipe())
     try:
         model.load_state_dict(torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True))
     except Exception as error:  # noqa: BLE001

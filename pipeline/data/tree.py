@@ -34,18 +34,14 @@ import scipy.io
 from PIL import Image
 
 from pipeline.config import DataParams
-from pipeline.errors import InputError
+from pipeline.data.dataset import SPLITS
+from pipeline.errors import DataError
 
-SPLITS = ("train", "val")
 # torchvision's ImageFolder list; compared lower-case so ImageNet's ".JPEG" matches.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"})
 DIGITS_IMAGES = "images"
 # Fixed encoder settings: Pillow writes no timestamps, so the same params give the same bytes.
 DIGITS_JPEG_QUALITY = 95
-
-
-class DataError(InputError):
-    """The input data or its layout cannot be used; the message names the path or key at fault."""
 
 
 @dataclass(frozen=True)

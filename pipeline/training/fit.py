@@ -1,7 +1,7 @@
 """One training run fitted with Ray Train, in its folder of the run store.
 
 Fitting a run name whose folder holds checkpoints resumes it: Ray Train V2 reads its snapshot there and
-hands the last checkpoint to the workers (pipeline/train_loop.py loads it).
+hands the last checkpoint to the workers (pipeline/training/worker.py loads it).
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 from ray.train.v2.api.exceptions import ControllerError
 
-from pipeline.cluster import START_TIMEOUT_VARIABLE, capacity_wait
 from pipeline.config import RayParams
+from pipeline.runs.cluster import START_TIMEOUT_VARIABLE, capacity_wait
 from pipeline.errors import ExplainedFailure
-from pipeline.runs import RunResult, RunStore
-from pipeline.train_loop import CHECKPOINT_FILE, TrainJob, train_worker
+from pipeline.runs.store import RunResult, RunStore
+from pipeline.training.job import TrainJob
+from pipeline.training.worker import CHECKPOINT_FILE, train_worker
 
 
 class CapacityTimeout(ExplainedFailure):

@@ -1,15 +1,15 @@
 """The ensemble stage: N members of one model trained side by side as Ray Tune trials, scored, and
 combined with the evaluated scores of any models the train stage trained (ensemble.include).
 
-Each member is a training run like the train stage's (pipeline/runs.py), with a seed of its own drawn
+Each member is a training run like the train stage's (pipeline/runs/store.py), with a seed of its own drawn
 from numpy's SeedSequence(ensemble.first_seed).spawn: member i's seed is independent of the others'
 and of the member count, so raising ensemble.members trains only the new members. A member whose run
 has finished is reused; one that was cut short resumes from its checkpoints. A finished member keeps its
 result (weights and history) and its validation scores under ensemble.protocol in the run store; the
-scores are made on the cluster (pipeline/scoring.py) right after training, or later for a member that
+scores are made on the cluster (pipeline/scoring/protocols.py) right after training, or later for a member that
 has none for the protocol asked. Combining reads scores only: nothing is reloaded or retrained.
 Members do not write to MLflow while they train (several at once would contend for the SQLite store);
-the driver logs them as nested runs at the end, with the papers' table (pipeline/papers.py).
+the driver logs them as nested runs at the end, with the papers' table (pipeline/scoring/papers.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import statistics
 import time
 
 import matplotlib
@@ -28,22 +27,20 @@ import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import ray
-import torch
 from ray import tune
 
-from pipeline import cluster, tracking
-from pipeline.combine import error_curve, top_k_errors
+from pipeline import tracking
 from pipeline.config import Params
-from pipeline.dataset import BetonFile, Dataset
+from pipeline.data.dataset import BetonFile, Dataset
 from pipeline.errors import InputError
-from pipeline.local_data import cache_root, describe
-from pipeline.papers import Measured, papers_table
-from pipeline.runs import RunResult, RunStore
-from pipeline.scoring import Scores, score_on_cluster, scores_file
-from pipeline.storage import Location
-from pipeline.train_loop import TrainJob
-from pipeline.trainer import fit
-from pipeline.training import load_model, log_model, make_job, run_spec, run_store
+from pipeline.runs.context import StageContext
+from pipeline.runs.store import RunResult, RunStore
+from pipeline.scoring.combine import best_member, evaluate_members
+from pipeline.scoring.papers import Measured, papers_table
+from pipeline.scoring.protocols import Scores, score_on_cluster, scores_file
+from pipeline.storage.location import Location
+from pipeline.training.fit import fit
+from pipeline.training.job import TrainJob
 
 TRIAL_MEMORY_BYTES = 64 * 2**20
 
@@ -73,14 +70,12 @@ def member_seeds(first_seed: int, count: int) -> list[int]:
     return [int(child.generate_state(1)[0]) % 2**31 for child in children]
 
 
-def plan_members(params: Params, dataset: Dataset, data: Location) -> list[Member]:
-    seeds = member_seeds(params.ensemble.first_seed, params.ensemble.members)
-    return [
-        Member(index, make_job(run_spec(params, params.ensemble.model, dataset, seed=seed,
-                                        epochs=params.ensemble.epochs, num_workers=params.ensemble_workers),
-                               data, params, tracking_target=None))
-        for index, seed in enumerate(seeds)
-    ]
+def plan_members(context: StageContext) -> list[Member]:
+    ensemble = context.params.ensemble
+    seeds = member_seeds(ensemble.first_seed, ensemble.members)
+    specs = [context.spec(ensemble.model, seed=seed, epochs=ensemble.epochs, num_workers=context.params.ensemble_workers)
+             for seed in seeds]
+    return [Member(index, TrainJob.for_run(spec, context, tracking=None)) for index, spec in enumerate(specs)]
 
 
 def fit_member(config: dict, members: list[Member], runs: RunStore, params: Params, val: BetonFile) -> None:
@@ -140,7 +135,7 @@ def load_member(member: Member, runs: RunStore) -> RunResult:
                             f"see its Ray logs there")
     try:
         result = record.load_result()
-        load_model(member.job.spec, result)
+        member.job.spec.load_model(result.weights)
     except Exception as error:
         raise EnsembleError(f"{member.describe()}: its weights in {record.folder} do not load: {error}") from error
     record.mark_used()
@@ -171,50 +166,18 @@ def included_scores(params: Params, evaluations: Location, val: BetonFile) -> li
     return found
 
 
-def evaluate_members(scores: list[Scores], names: list[str], members: int, rule: str) -> tuple[dict, list[dict]]:
-    """Every model's errors (its own members first, then the included models), the members' mean and
-    spread, the whole ensemble's errors and the curve over the first k models."""
-    log_probs = torch.from_numpy(np.stack([s.log_probs for s in scores]).astype(np.float32))
-    labels = torch.from_numpy(scores[0].labels)
-    errors = [top_k_errors(model, labels) for model in log_probs]
-    curve = error_curve(log_probs, labels, rule)
-    top1s, top5s = [e[0] for e in errors[:members]], [e[1] for e in errors[:members]]
-    spread = statistics.stdev if members > 1 else lambda values: 0.0
-    summary = {
-        "members": members,
-        "models": len(scores),
-        "protocol": scores[0].protocol,
-        "combine": rule,
-        "model_top1_error": {name: e[0] for name, e in zip(names, errors)},
-        "model_top5_error": {name: e[1] for name, e in zip(names, errors)},
-        "member_top1_error_mean": statistics.mean(top1s),
-        "member_top1_error_std": spread(top1s),
-        "member_top5_error_mean": statistics.mean(top5s),
-        "member_top5_error_std": spread(top5s),
-        "ensemble_top1_error": curve[-1]["top1_error"],
-        "ensemble_top5_error": curve[-1]["top5_error"],
-    }
-    summary["gain_top1"] = summary["member_top1_error_mean"] - summary["ensemble_top1_error"]
-    summary["gain_top5"] = summary["member_top5_error_mean"] - summary["ensemble_top5_error"]
-    return summary, curve
-
-
 def run_ensemble(params: Params, data: Location, evaluations: Location, out: Location) -> dict:
     """The ensemble stage: returns the metrics it also writes to out/metrics.json."""
-    dataset = describe(data, cache_root(params.ray.local_data_cache))
-    val = dataset.files["val"]
-    included = included_scores(params, evaluations, val)  # refused before any training
-    runs = run_store(params)
-    # Before the MLflow run and its SIGTERM handler: ray.init installs a SIGTERM handler of its own.
-    cluster.connect(params.ray)
-    cluster.check_nodes_reach(tracking.tracking_uri(params.mlflow), runs.root, data)
-    store = tracking.open_store(params.mlflow)
-    members = plan_members(params, dataset, data)
+    included: list[Scores] = []  # filled by the check: missing evaluations are refused before any training
+    context = StageContext.open(params, data, check=lambda dataset: included.extend(
+        included_scores(params, evaluations, dataset.files["val"])))
+    runs, store, val = context.runs, context.store, context.dataset.files["val"]
+    members = plan_members(context)
     digest = hashlib.sha256(json.dumps([m.name for m in members] + params.ensemble.include +
                                        [params.ensemble.protocol, params.ensemble.combine]).encode())
     name = f"ensemble-{params.ensemble.model}-{digest.hexdigest()[:12]}"
-    tags = {"model": params.ensemble.model, "dvc_stage": "ensemble", "device": cluster.device_name(params.ray)}
-    parent = tracking.open_run(store, name, tags, params.model_dump(), reuse_finished=False)
+    parent = tracking.open_run(store, name, context.tags(params.ensemble.model, "ensemble"), params.model_dump(),
+                               reuse_finished=False)
 
     with tracking.closed_with_true_status(store.client, parent.id):
         train_members(members, runs, params, val)
@@ -223,9 +186,9 @@ def run_ensemble(params: Params, data: Location, evaluations: Location, out: Loc
         names = [f"member_{member.index}" for member in members] + params.ensemble.include
         summary, curve = evaluate_members(scores, names, len(members), params.ensemble.combine)
         summary = {"model": params.ensemble.model, "included": params.ensemble.include, **summary}
-        table = papers_table(measured_figures(evaluations, params, summary, curve), data_name(params, dataset))
+        table = papers_table(measured_figures(evaluations, params, summary, curve), data_name(params, context.dataset))
         write_outputs(out, members, summary, curve, table)
-        log_to_mlflow(store, parent.id, members, results, summary, curve, table, dataset, params)
+        log_to_mlflow(context, parent.id, members, results, summary, curve, table)
     print_summary(summary, store)
     print(f"\nThe papers' figures beside this run's ({out / 'papers.md'}):\n{table}")
     return summary
@@ -270,10 +233,11 @@ def write_outputs(out: Location, members: list[Member], summary: dict, curve: li
     (out / "papers.md").write_text(table)
 
 
-def log_to_mlflow(store: tracking.Store, parent: str, members: list[Member], results: list[RunResult],
-                  summary: dict, curve: list[dict], table: str, dataset: Dataset, params: Params) -> None:
+def log_to_mlflow(context: StageContext, parent: str, members: list[Member], results: list[RunResult],
+                  summary: dict, curve: list[dict], table: str) -> None:
     """Nested member runs under the parent, the parent's metrics, plot and papers' table, the best member
     registered."""
+    store, params = context.store, context.params
     client = store.client
     # A previous attempt that died while logging may have left some member runs: replace them.
     for stale in client.search_runs([store.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"):
@@ -284,8 +248,7 @@ def log_to_mlflow(store: tracking.Store, parent: str, members: list[Member], res
             "mlflow.parentRunId": parent, tracking.RUN_NAME_TAG: member.name,
             "model": member.job.spec.model, "seed": str(member.job.spec.seed), "dvc_stage": "ensemble",
         }).info.run_id
-        tracking.log_params(client, child, {"seed": member.job.spec.seed, "epochs": member.job.spec.epochs,
-                                            "train": member.job.spec.recipe.model_dump()})
+        tracking.log_params(client, child, member.job.spec.mlflow_params())
         tracking.log_history(client, child, result.history)
         client.set_terminated(child)
         child_ids.append(child)
@@ -299,16 +262,10 @@ def log_to_mlflow(store: tracking.Store, parent: str, members: list[Member], res
     client.log_text(parent, table, "papers.md")
 
     best = best_member(summary)
-    info = log_model(store.uri, child_ids[best], load_model(members[best].job.spec, results[best]), dataset,
-                     params.train.resolution)
+    info = tracking.log_model(store.uri, child_ids[best], members[best].job.spec.load_model(results[best].weights),
+                              context.dataset, params.train.resolution)
     version = mlflow.register_model(info.model_uri, params.mlflow.registered_model)
     client.set_registered_model_alias(params.mlflow.registered_model, "best", version.version)
-
-
-def best_member(summary: dict) -> int:
-    """Lowest top-1 error; ties (common on a small validation set) go to top-5, then to the first member."""
-    return min(range(summary["members"]), key=lambda i: (summary["model_top1_error"][f"member_{i}"],
-                                                          summary["model_top5_error"][f"member_{i}"]))
 
 
 def error_curve_figure(curve: list[dict], summary: dict):

@@ -1,18 +1,10 @@
-"""Training runs: what names one (its identity), and the run store that keeps its checkpoints and result.
-
-A run is named by what shapes its weights, and nothing else: the model, the recipe keys that model
-and schedule use, the seed, the epochs, the worker count (the global batch is split across them), the
-device, and the content of the data (the .beton files' SHA-256, from dataset.json). Paths, hosts,
-tracking settings and fault-tolerance settings are not part of it, so the same run is found again after
-`dvc checkout`, a moved or re-cloned project, `dvc exp run --temp`, or `ray job submit`. RUN_FORMAT is
-part of it too: raise it when a change to the training code changes what a run computes.
-
-The run store is the folder (or URI) ray.storage_path; each run has one folder in it, by name:
+"""The run store: the folder (or URI) ray.storage_path, one folder per training run, by its name
+(pipeline/runs/identity.py):
   <name>/checkpoint_*/, checkpoint_manager_snapshot.json   Ray Train's, while the run trains
   <name>/result.pt     {"model": state dict, "history": [one dict per epoch]} once training finished
   <name>/result.json   {"name", "identity", "finished_at", "used_at", "summary"}: the done marker,
                        written after result.pt, so its presence means the result is whole
-  <name>/scores-*.npz  per-image validation scores (pipeline/evaluation.py)
+  <name>/scores-*.npz  an ensemble member's per-image validation scores (pipeline/drivers/ensemble.py)
 A run with a result is finished: stages reuse it instead of training again. A run with checkpoints and
 no result was interrupted: fitting the same name makes Ray Train hand the workers its last checkpoint.
 Checkpoints are deleted only once the stage that trained the run has written everything it owes
@@ -23,7 +15,6 @@ used first.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import time
@@ -32,65 +23,13 @@ from typing import Literal
 
 import torch
 
-import models
-from pipeline.config import TrainRecipe
-from pipeline.storage import Location
+from pipeline.storage.location import Location
 
-RUN_FORMAT = 1
 RESULT_WEIGHTS = "result.pt"
 RESULT_MARKER = "result.json"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
-# Which recipe keys a run depends on: these always; the schedule's own; the GPU-only ones on GPUs; and
-# the keys models.recipe_keys(model) names (dropout, alexnet_groups, alexnet_init).
-COMMON_RECIPE_KEYS = ("batch_size", "lr", "momentum", "weight_decay", "schedule", "label_smoothing",
-                      "resolution", "crop_min_scale", "pca_lighting_std", "decay_norm_and_bias", "order")
-SCHEDULE_KEYS = {"plateau": ("plateau_patience",), "step": ("step_size", "step_gamma"), "cosine": ()}
-GPU_ONLY_KEYS = ("amp", "channels_last", "amp_dtype")
-
 Status = Literal["new", "interrupted", "finished"]
-
-
-@dataclasses.dataclass(frozen=True)
-class RunSpec:
-    """Everything that shapes one training run's weights."""
-
-    model: str
-    num_classes: int
-    recipe: TrainRecipe
-    seed: int
-    epochs: int
-    num_workers: int
-    use_gpu: bool
-    data_sha256: Mapping[str, str]  # split -> SHA-256 of its .beton
-
-    def recipe_keys(self) -> tuple[str, ...]:
-        keys = COMMON_RECIPE_KEYS + SCHEDULE_KEYS[self.recipe.schedule] + models.recipe_keys(self.model)
-        return keys + (GPU_ONLY_KEYS if self.use_gpu else ())
-
-    def identity(self) -> dict:
-        return {
-            "format": RUN_FORMAT,
-            "model": self.model,
-            "num_classes": self.num_classes,
-            "seed": self.seed,
-            "epochs": self.epochs,
-            "workers": self.num_workers,
-            "device": "cuda" if self.use_gpu else "cpu",
-            "recipe": {key: getattr(self.recipe, key) for key in sorted(self.recipe_keys())},
-            "data": dict(sorted(self.data_sha256.items())),
-        }
-
-    @property
-    def name(self) -> str:
-        # Canonical JSON: sorted keys, no whitespace; floats by repr, which Python keeps shortest and stable.
-        canonical = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
-        return f"{self.model}-{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
-
-    def build_model(self) -> torch.nn.Module:
-        """The model with the recipe's options it uses (and only those: build refuses the others)."""
-        options = {models.RECIPE_OPTIONS[key]: getattr(self.recipe, key) for key in models.recipe_keys(self.model)}
-        return models.build(self.model, self.num_classes, **options)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Image files -> the samples a .beton's image field stores: each file decoded once, checked,
 converted to RGB uint8, resized, and stored as JPEG or raw pixels.
 
-This runs in the preprocess stage's worker processes (pipeline/beton.py), so it imports neither
+This runs in the preprocess stage's worker processes (pipeline/data/beton.py), so it imports neither
 FFCV nor torch: a spawned worker would spend seconds importing them (FFCV: ~4 s on the 2-core VM).
 
 Decoding and conversion (load_rgb), to a C-contiguous uint8 H x W x 3 array:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.config import VAL_CROP_RATIO
-from pipeline.image_check import UnusableImage, load_rgb
+from pipeline.data.images import UnusableImage, load_rgb
 
 # ImageNet statistics on the 0..255 scale the decoders produce; the loaders' pipelines use them too.
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255

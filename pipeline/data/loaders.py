@@ -16,7 +16,7 @@ steps behind the Python code; three things keep a batch from being overwritten w
 - FFCV's own device buffers of a slot are rewritten for batch b + slots only after the slot's stream
   has waited for an event that FFCV records on the training stream once batch b + 1 was taken, that
   is after every kernel the loop queued for batch b. This holds while the loop touches a batch only
-  in its own step (pipeline/train_loop.py keeps its running sums in tensors of its own).
+  in its own step (pipeline/training/worker.py keeps its running sums in tensors of its own).
 - FFCV's pinned host buffers of a slot are rewritten by the CPU for batch b + slots without waiting
   for the asynchronous copy of batch b to the device, which sits on the slot's stream behind that
   event and so behind the training stream's queue. ToDevice therefore copies with non_blocking=False:
@@ -47,7 +47,7 @@ from ffcv.traversal_order.quasi_random import QuasiRandom, generate_order_inner
 from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from pipeline.config import VAL_CROP_RATIO
-from pipeline.val_transform import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # Principal components of ImageNet's RGB pixel covariance (pixels in 0..1), as fb.resnet.torch and
 # timm carry them: eigenvalues, and eigenvectors as columns.

@@ -34,12 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import ConvNet
-from pipeline.combine import top_k_errors
+from pipeline.scoring.combine import top_k_errors
 from pipeline.config import VAL_CROP_RATIO, Params
 from pipeline.errors import InputError
-from pipeline.local_data import local_copy
-from pipeline.runs import RunSpec
-from pipeline.storage import Location
+from pipeline.data.node_copy import local_copy
+from pipeline.runs.identity import RunSpec
+from pipeline.storage.location import Location
 
 TEN_CROP_RATIO = 256 / 224
 # log(0) would be -inf; this floor is far below any probability a float32 softmax resolves.
@@ -146,7 +146,7 @@ def score_share(spec: RunSpec, weights: dict[str, torch.Tensor], data: Location,
     """One task's work: {protocol: (log-probabilities float16, labels)} for the validation images `indices`."""
     # Imported here, in the task: the drivers and trials that import this module read no data, and
     # FFCV costs 3.5 s of CPU to import.
-    from pipeline.loaders import make_val_loader
+    from pipeline.data.loaders import make_val_loader
 
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

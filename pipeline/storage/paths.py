@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pipeline.config import PROJECT_ROOT
 from pipeline.errors import InputError
-from pipeline.storage import Location, is_uri
+from pipeline.storage.location import Location, is_uri
 
 HOME_VARIABLE = "PIPELINE_HOME"
 DVC_ROOT_VARIABLE = "DVC_ROOT"

@@ -1,5 +1,5 @@
 """The evaluate stage for one trained model: its validation error under every protocol of
-evaluate.protocols, scored on the cluster (pipeline/scoring.py), with the per-image scores that the
+evaluate.protocols, scored on the cluster (pipeline/scoring/protocols.py), with the per-image scores that the
 ensemble stage combines, per-class errors and a confusion matrix; recorded on the model's MLflow run.
 
 Outputs in --out: metrics.json ({protocol}_top1_error / _top5_error), scores/scores-{protocol}.npz,
@@ -14,37 +14,35 @@ import json
 
 import torch
 
-from pipeline import cluster, tracking
-from pipeline.class_errors import confusion_figure, confusion_matrix, confusion_rows, per_class_table
+from pipeline import tracking
 from pipeline.config import Params
 from pipeline.errors import InputError
-from pipeline.local_data import cache_root, describe
-from pipeline.scoring import Scores, score_on_cluster, scores_file
-from pipeline.storage import Location
-from pipeline.training import run_spec, run_store
+from pipeline.runs.context import StageContext
+from pipeline.runs.identity import RunSpec, train_spec
+from pipeline.scoring.class_errors import confusion_figure, confusion_matrix, confusion_rows, per_class_table
+from pipeline.scoring.protocols import Scores, score_on_cluster, scores_file
+from pipeline.storage.location import Location
 
 
 def evaluate_model(params: Params, model_name: str, data: Location, weights: Location, out: Location) -> dict:
     """The evaluate stage: returns the metrics it also writes to out/metrics.json."""
-    dataset = describe(data, cache_root(params.ray.local_data_cache))
-    spec = run_spec(params, model_name, dataset, seed=params.train.seed, epochs=params.train.epochs,
-                    num_workers=params.ray.num_workers)
-    state = load_weights(weights, spec)
-    cluster.connect(params.ray)
-    cluster.check_nodes_reach(tracking.tracking_uri(params.mlflow), run_store(params).root, data)
-    store = tracking.open_store(params.mlflow)
-    val = dataset.files["val"]
-    scores = score_on_cluster(spec, state, data, cache_root(params.ray.local_data_cache), val.images, val.sha256,
+    state: dict[str, torch.Tensor] = {}  # filled by the check, before the cluster is joined
+    context = StageContext.open(params, data, check=lambda dataset: state.update(
+        load_weights(weights, train_spec(params, model_name, dataset))))
+    # The train stage's run of this model: its name finds the MLflow run the evaluation joins.
+    spec = context.train_spec(model_name)
+    val = context.dataset.files["val"]
+    scores = score_on_cluster(spec, state, data, context.data_cache, val.images, val.sha256,
                               params.evaluate.protocols, params, tasks=params.ray.num_workers)
     metrics = {f"{protocol}_{kind}_error": value for protocol, result in scores.items()
                for kind, value in zip(("top1", "top5"), result.errors())}
-    write_outputs(out, model_name, scores, metrics, dataset.classes)
-    log_to_mlflow(store, spec.name, model_name, scores, metrics, dataset.classes, params)
-    print_summary(model_name, scores, dataset.classes)
+    write_outputs(out, model_name, scores, metrics, context.dataset.classes)
+    log_to_mlflow(context, spec, scores, metrics)
+    print_summary(model_name, scores, context.dataset.classes)
     return metrics
 
 
-def load_weights(weights: Location, spec) -> dict[str, torch.Tensor]:
+def load_weights(weights: Location, spec: RunSpec) -> dict[str, torch.Tensor]:
     """The train stage's model.pt, checked against the model the params describe before any scoring."""
     try:
         state = torch.load(io.BytesIO(weights.read_bytes()), map_location="cpu", weights_only=True)
@@ -64,16 +62,16 @@ def write_outputs(out: Location, model_name: str, scores: dict[str, Scores], met
     (out / "confusion.csv").write_text(confusion_rows(first.log_probs, first.labels, classes))
 
 
-def log_to_mlflow(store: tracking.Store, run_name: str, model_name: str, scores: dict[str, Scores], metrics: dict,
-                  classes: list[str], params: Params) -> None:
+def log_to_mlflow(context: StageContext, spec: RunSpec, scores: dict[str, Scores], metrics: dict) -> None:
     """On the model's training run (a store without it gets a run of its own)."""
-    tags = {"model": model_name, "dvc_stage": f"evaluate@{model_name}", "device": cluster.device_name(params.ray)}
-    run = tracking.open_run(store, run_name, tags, params.model_dump(), reuse_finished=True)
+    store, classes = context.store, context.dataset.classes
+    run = tracking.open_run(store, spec.name, context.tags(spec.model, f"evaluate@{spec.model}"), spec.mlflow_params(),
+                            reuse_finished=True)
     tracking.log_metrics(store.client, run.id, metrics)
     store.client.log_text(run.id, per_class_table(scores, classes), "evaluation/per_class.csv")
     for protocol, result in scores.items():
         figure = confusion_figure(confusion_matrix(result.log_probs, result.labels, len(classes)), classes,
-                                  f"{model_name}, {protocol}")
+                                  f"{spec.model}, {protocol}")
         store.client.log_figure(run.id, figure, f"evaluation/confusion_{protocol}.png")
     if run.state == "new":
         store.client.set_terminated(run.id)

@@ -8,7 +8,7 @@ MLflow from there, and every worker reads the data and writes checkpoints from i
                       corrupts under concurrent writers);
   ray.storage_path    a URI, or a path every node sees: a probe file written by the driver must be
                       visible from every node;
-  the data (--data)   a URI (each node copies it once, pipeline/local_data.py), or a path every node
+  the data (--data)   a URI (each node copies it once, pipeline/data/node_copy.py), or a path every node
                       sees with the same dataset.json and .beton sizes.
 Each check names the setting to change.
 """
@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.config import RayParams
 from pipeline.errors import InputError
-from pipeline.storage import Location
+from pipeline.storage.location import Location
 from pipeline.tracking import is_file_store
 
 # Ray Train's default wait for a worker group's resources (ray/train/v2/_internal/constants.py).

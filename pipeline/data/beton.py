@@ -2,7 +2,7 @@
 
 Each split becomes <out>/<split>.beton with two fields: `image`, an RGBImageField, and `label`, an
 IntField (the class index of classes.json). Samples keep the manifest order, so a sequential loader
-reads val in manifest order. <out>/dataset.json describes the pair (pipeline/dataset.py).
+reads val in manifest order. <out>/dataset.json describes the pair (pipeline/data/dataset.py).
 
 How a split is written: worker processes (preprocess.num_workers; null = every core) turn each file
 into its finished sample with one decode (image_check.store_images: check, conversion to RGB, resize,
@@ -48,7 +48,7 @@ from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import closing, contextmanager, nullcontext
+from contextlib import ExitStack, closing, contextmanager, nullcontext
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -61,10 +61,12 @@ from ffcv.writer import MAX_PAGE_SIZE, MIN_PAGE_SIZE
 from tqdm import tqdm
 
 from pipeline.config import PreprocessParams
-from pipeline.dataset import FILE_NAME as DATASET_FILE
-from pipeline.dataset import BetonFile, Dataset, file_sha256
-from pipeline.image_check import ImageCheck, ImageStorage, StoredImage, store_images
-from pipeline.image_tree import SPLITS, DataError, PreparedDataset
+from pipeline.data.dataset import FILE_NAME as DATASET_FILE
+from pipeline.data.dataset import SPLITS, BetonFile, Dataset, file_sha256
+from pipeline.data.images import ImageCheck, ImageStorage, StoredImage, store_images
+from pipeline.data.tree import PreparedDataset
+from pipeline.errors import DataError
+from pipeline.storage import atomic
 
 # A JPEG of noise at high quality can outgrow the raw pixels; four times the raw size leaves room.
 PAGE_HEADROOM = 4
@@ -80,13 +82,17 @@ def preprocess(prepared: PreparedDataset, out: Path, params: PreprocessParams) -
     """Write <out>/train.beton, <out>/val.beton and <out>/dataset.json from the prepared manifests;
     returns the report (module docstring)."""
     page_size(params)  # settings errors before any work
-    out.mkdir(parents=True, exist_ok=True)
-    partials = {split: out / f".{split}.beton.partial" for split in SPLITS}
-    description_partial = out / f".{DATASET_FILE}.partial"
     checks: dict[str, list[ImageCheck]] = {}
     files: dict[str, BetonFile] = {}
     seconds: dict[str, float] = {}
-    try:
+    # No dataset.json beside a set that is not complete: the old one goes first, the new one is renamed
+    # into place last (the contexts below are left in reverse order).
+    (out / DATASET_FILE).unlink(missing_ok=True)
+    for stale in out.glob(".*.partial"):  # left by a run that was killed
+        stale.unlink()
+    with ExitStack() as renames:
+        description_partial = renames.enter_context(atomic.replacing(out / DATASET_FILE))
+        partials = {split: renames.enter_context(atomic.replacing(out / f"{split}.beton")) for split in SPLITS}
         with worker_pool(params) as pool:
             for split in WRITE_ORDER:
                 started = time.perf_counter()
@@ -105,13 +111,6 @@ def preprocess(prepared: PreparedDataset, out: Path, params: PreprocessParams) -
         Dataset(out, prepared.classes, {split: files[split] for split in SPLITS}, params.model_dump()).write(
             description_partial
         )
-        (out / DATASET_FILE).unlink(missing_ok=True)
-        for split in SPLITS:
-            os.replace(partials[split], files[split].path)
-        os.replace(description_partial, out / DATASET_FILE)
-    finally:
-        for partial in (*partials.values(), description_partial):
-            partial.unlink(missing_ok=True)
 
     report: dict = {
         split: _split_report(prepared, split, checks[split], files[split], seconds[split]) for split in SPLITS

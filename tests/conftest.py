@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
+import psutil
 import pytest
 import yaml
+from PIL import Image
+from mlflow.tracking import MlflowClient
 
-from pipeline.config import PROJECT_ROOT, Params, load_params
+from pipeline.config import PROJECT_ROOT, Params, PreprocessParams, load_params
+from pipeline.data.beton import write_beton
+from pipeline.runs.store import RAY_SNAPSHOT
 
 # The machine has 2 cores; Ray is given 4 logical CPUs so 2 training workers plus Ray Train's
 # controller and Tune trials fit at once (they mostly wait on each other).
@@ -36,14 +45,20 @@ def params_dict() -> dict:
     return yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
 
 
+def write_params_dict(folder: Path, params: dict) -> Path:
+    """`params` written as folder/params.yaml as it is, valid or not (tests of refused input write bad ones)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
 def write_params(folder: Path, overrides: dict) -> tuple[Path, Params]:
     """params.yaml with `overrides` ({section: {key: value}}) applied, written to folder and validated."""
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     for section, values in overrides.items():
         params[section].update(values)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
+    path = write_params_dict(folder, params)
     return path, load_params(path)
 
 
@@ -58,13 +73,22 @@ def training_overrides(folder: Path, ray: dict | None = None, model: str = FAST_
     }
 
 
-def run_stage(name: str, *arguments: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", f"stages.{name}", *arguments],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout,
-    )
-    assert result.returncode == 0, f"stage {name} failed:\n{result.stdout}\n{result.stderr}"
+def stage_command(name: str, *arguments: str) -> list[str]:
+    return [sys.executable, "-m", f"stages.{name}", *arguments]
+
+
+def run_stage(name: str, *arguments: str, env: dict | None = None, timeout: float = 600,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """A stage script run to its end; `check` asserts it succeeded, else the caller reads its status."""
+    result = subprocess.run(stage_command(name, *arguments), cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            timeout=timeout, env=env)
+    assert not check or result.returncode == 0, f"stage {name} failed:\n{result.stdout}\n{result.stderr}"
     return result
+
+
+def start_stage(name: str, *arguments: str, **popen) -> subprocess.Popen:
+    """A stage script started in the background, for tests that kill it or watch it run."""
+    return subprocess.Popen(stage_command(name, *arguments), cwd=PROJECT_ROOT, text=True, **popen)
 
 
 @pytest.fixture(scope="session")
@@ -167,3 +191,111 @@ def change_params(repo: Path, changes: dict) -> None:
     for section, values in changes.items():
         params[section].update(values)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+# Watching a training run: its MLflow records, checkpoints, workers and the stage process.
+
+EPOCH_METRICS = ["train_loss", "train_top1_error", "val_top1_error", "val_top5_error", "lr",
+                 "images_per_s", "epoch_time_s", "data_wait_share"]
+
+
+def mlflow_runs(folder: Path):
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tests").experiment_id
+    return client, client.search_runs([experiment], order_by=["attributes.start_time ASC"])
+
+
+def steps(client: MlflowClient, run_id: str, metric: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, metric))
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.5)
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    return sorted((folder / "ray_results").glob("*/checkpoint_*"))
+
+
+def registered_checkpoint(folder: Path) -> bool:
+    """Ray Train has recorded a checkpoint in its snapshot: what a rerun resumes from."""
+    return bool(list((folder / "ray_results").glob(f"*/{RAY_SNAPSHOT}")))
+
+
+def train_worker_processes(started_after: float) -> list[psutil.Process]:
+    """A run's live workers; the start time leaves out an earlier run's workers that Ray has not reaped."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "create_time", "status"]):
+        if ("RayTrainWorker" in " ".join(process.info["cmdline"] or []) and process.info["create_time"] >= started_after
+                and process.info["status"] != psutil.STATUS_ZOMBIE):
+            found.append(process)
+    return found
+
+
+def start_train_stage(params: Path, data: Path, out: Path, log: Path, home: Path | None = None) -> subprocess.Popen:
+    # Its own session, so the test can end the whole tree (the stage's private Ray cluster too).
+    env = without_ray_address() | ({"PIPELINE_HOME": str(home)} if home else {})
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return start_stage("train", "--params", str(params), "--model", FAST_MODEL, "--data", str(data), "--out", str(out),
+                       stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+
+def end_tree(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=60)
+
+
+def stop_after_first_checkpoint(params: Path, data: Path, folder: Path) -> None:
+    """Starts the train stage and sends it SIGTERM once its first checkpoint is registered: it must end
+    with 130, the shell's code for a stop by signal."""
+    stage = start_train_stage(params, data, folder / "out", folder / "stage.log")
+    try:
+        wait_for(lambda: registered_checkpoint(folder), 400, "the first epoch's checkpoint")
+        stage.send_signal(signal.SIGTERM)
+        assert stage.wait(timeout=120) == 130, (folder / "stage.log").read_text()
+    finally:
+        end_tree(stage)
+
+
+def finish(process: subprocess.Popen, log: Path) -> str:
+    try:
+        assert process.wait(timeout=600) == 0, log.read_text()
+    finally:
+        end_tree(process)
+    return log.read_text()
+
+
+def read_history(out: Path) -> list[dict]:
+    with open(out / "history.csv") as handle:
+        return [{key: float(value) if key != "epoch" else int(value) for key, value in row.items()}
+                for row in csv.DictReader(handle)]
+
+
+def ran(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+# Small .beton files whose every value is known: sample i is a flat image of colour(i) with label i.
+
+def colour(index: int) -> np.ndarray:
+    return np.array([(7 * index) % 256, (100 + 3 * index) % 256, 200 - index], dtype=np.float64)
+
+
+def flat_colour_beton(folder: Path, count: int, params_dict: dict) -> Path:
+    """Sample i: a flat image of colour(i) (varied sizes), label i, stored raw so colours are exact."""
+    folder.mkdir()
+    paths = []
+    for index in range(count):
+        size = (48 + index % 3 * 8, 40 + index % 2 * 16)
+        paths.append(folder / f"{index}.png")
+        Image.new("RGB", size, tuple(int(c) for c in colour(index))).save(paths[-1])
+    params = PreprocessParams.model_validate(params_dict["preprocess"] | {"write_mode": "raw", "max_resolution": 64})
+    write_beton(folder / "data.beton", paths, list(range(count)), params)
+    return folder / "data.beton"

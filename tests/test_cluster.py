@@ -22,8 +22,7 @@ from pipeline.runs.store import RAY_SNAPSHOT, RESULT_MARKER, RESULT_WEIGHTS
 from pipeline.storage.location import Location
 from tests._trees import WNIDS, class_folder_tree, flat_val_with_devkit
 from tests.cluster import LocalCluster, mlflow_server, s3_server, wait_until
-from tests.conftest import FAST_MODEL, change_params, clean_copy, training_overrides, write_params
-from tests.test_end_to_end import ran
+from tests.conftest import FAST_MODEL, change_params, clean_copy, ran, run_stage, training_overrides, write_params
 
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
 LONG_RUN_EPOCHS = 8
@@ -57,11 +56,9 @@ def s3_uri(endpoint: str, path: str) -> str:
     return f"s3://{path}?endpoint_override={endpoint}&scheme=http&region=us-east-1&allow_bucket_creation=true"
 
 
-def run_stage(cluster: LocalCluster, stage: str, *arguments: str, env: dict | None = None,
-              timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *arguments], cwd=PROJECT_ROOT, text=True,
-                          capture_output=True, timeout=timeout,
-                          env=cluster.env | {"RAY_ADDRESS": cluster.address} | (env or {}))
+def on_cluster(cluster: LocalCluster, env: dict | None = None) -> dict:
+    """The environment of a stage that joins `cluster`."""
+    return cluster.env | {"RAY_ADDRESS": cluster.address} | (env or {})
 
 
 def train_workers(cluster: LocalCluster) -> dict[str, tuple[str, str]]:
@@ -96,8 +93,8 @@ def epochs_logged(uri: str, run_id: str) -> list[int]:
 
 def test_a_file_tracking_store_is_refused_with_several_nodes(cluster, tmp_path, digits_betons):
     params, _ = write_params(tmp_path, training_overrides(tmp_path))
-    result = run_stage(cluster, "train", "--params", str(params), "--model", FAST_MODEL, "--data", str(digits_betons),
-                       "--out", str(tmp_path / "out"))
+    result = run_stage("train", "--params", str(params), "--model", FAST_MODEL, "--data", str(digits_betons),
+                       "--out", str(tmp_path / "out"), env=on_cluster(cluster), check=False)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "the cluster has 2 nodes, and the MLflow store sqlite:///" in result.stderr
     assert "run an MLflow tracking server" in result.stderr and "Traceback" not in result.stderr
@@ -116,10 +113,8 @@ def test_train_stage_spans_both_nodes_with_s3_storage(cluster, tracking, s3, tmp
     params, _ = write_params(tmp_path, overrides)
     before = train_workers(cluster)
 
-    result = run_stage(cluster, "train", "--params", str(params), "--model", FAST_MODEL,
-                       "--data", s3_uri(s3, "pipeline/beton"), "--out", s3_uri(s3, "pipeline/outputs/lenet5"),
-                       env=S3_KEYS)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_stage("train", "--params", str(params), "--model", FAST_MODEL, "--data", s3_uri(s3, "pipeline/beton"),
+              "--out", s3_uri(s3, "pipeline/outputs/lenet5"), env=on_cluster(cluster, S3_KEYS), timeout=900)
     [nodes] = nodes_of_new_workers(cluster, before).values()
     assert len(nodes) == 2, "the two workers ran on the two nodes"
     runs = tracked(tracking, "s3")
@@ -226,8 +221,9 @@ def train_in_background(cluster, params: Path, tmp_path: Path) -> tuple[threadin
     outcome: dict = {}
 
     def train() -> None:
-        outcome["result"] = run_stage(cluster, "train", "--params", str(params), "--model", FAST_MODEL,
-                                      "--data", str(tmp_path / "beton"), "--out", str(tmp_path / "out"))
+        outcome["result"] = run_stage("train", "--params", str(params), "--model", FAST_MODEL, "--data",
+                                      str(tmp_path / "beton"), "--out", str(tmp_path / "out"),
+                                      env=on_cluster(cluster), timeout=900, check=False)
 
     thread = threading.Thread(target=train)
     thread.start()

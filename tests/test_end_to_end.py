@@ -18,7 +18,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PROJECT_ROOT
-from tests.conftest import FAST_MODEL, FAST_RESOLUTION, change_params, clean_copy, without_ray_address
+from tests.conftest import FAST_MODEL, FAST_RESOLUTION, change_params, clean_copy, ran, without_ray_address
 
 # LeNet-5 everywhere, so the time goes to DVC, Ray and MLflow rather than to convolutions.
 REDUCED = {
@@ -40,10 +40,6 @@ def dvc(repo: Path, *arguments: str, timeout: float = 1200) -> str:
 
 def changed_stages(repo: Path) -> set[str]:
     return set(json.loads(dvc(repo, "status", "--json")))
-
-
-def ran(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 
 
 def tracked_runs(repo: Path) -> list:

@@ -28,9 +28,9 @@ from pipeline.drivers.evaluate import evaluate_model
 from pipeline.runs.store import RESULT_MARKER, RESULT_WEIGHTS
 from pipeline.scoring.protocols import ScoresError
 from pipeline.storage.location import Location
-from pipeline.drivers.train import run_store, train_model
-from tests.conftest import FAST_MODEL, training_overrides, without_ray_address, write_params
-from tests.test_training import end_tree, wait_for
+from pipeline.drivers.train import train_model
+from pipeline.runs.context import run_store
+from tests.conftest import FAST_MODEL, end_tree, training_overrides, wait_for, without_ray_address, write_params
 
 MEMBERS = 2
 

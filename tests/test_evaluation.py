@@ -31,14 +31,10 @@ from pipeline.scoring.protocols import (
     scores_file,
 )
 from pipeline.storage.location import Location
-from pipeline.drivers.train import run_spec
+from pipeline.runs.identity import train_spec
 from tests.conftest import PROJECT_ROOT
 
 PROTOCOLS = ["center", "center_mirror", "ten_crop", "multi_scale"]
-
-
-def softmax(logits: torch.Tensor) -> torch.Tensor:
-    return logits.exp() / logits.exp().sum(dim=1, keepdim=True)
 
 
 def test_ten_crop_is_the_mean_of_the_ten_crops_softmaxes():
@@ -49,7 +45,7 @@ def test_ten_crop_is_the_mean_of_the_ten_crops_softmaxes():
     # Corners at (0, 0), (0, 5), (5, 0), (5, 5) and the centre at (2, 2) of a 37-pixel square, 32 wide.
     patches = [images[:, :, y:y + 32, x:x + 32] for y, x in [(0, 0), (0, 5), (5, 0), (5, 5), (2, 2)]]
     patches += [torch.flip(patch, dims=[3]) for patch in patches]
-    expected = sum(softmax(model(patch)) for patch in patches) / 10
+    expected = sum(torch.softmax(model(patch), dim=1) for patch in patches) / 10
     with torch.no_grad():
         assert torch.allclose(probabilities("ten_crop", model, [images], 32), expected, atol=1e-6)
 
@@ -58,7 +54,7 @@ def test_center_mirror_is_the_mean_of_the_crop_and_its_mirror():
     torch.manual_seed(1)
     model = models.build("lenet5", 5).eval()
     images = torch.randn(3, 3, 32, 32)
-    expected = (softmax(model(images)) + softmax(model(torch.flip(images, dims=[3])))) / 2
+    expected = (torch.softmax(model(images), dim=1) + torch.softmax(model(torch.flip(images, dims=[3])), dim=1)) / 2
     with torch.no_grad():
         assert torch.allclose(probabilities("center_mirror", model, [images], 32), expected, atol=1e-6)
 
@@ -129,7 +125,7 @@ def test_every_validation_image_is_scored_once_by_two_tasks(evaluated):
 
 def fresh_center_log_probs(evaluated, trained_run) -> torch.Tensor:
     """What the training's own validation pass computes, in this process, in one pass."""
-    spec = run_spec(evaluated["params"], "alexnet2012", evaluated["dataset"], seed=0, epochs=1, num_workers=1)
+    spec = train_spec(evaluated["params"], "alexnet2012", evaluated["dataset"])
     model = spec.build_model()
     model.load_state_dict(torch.load(trained_run["out"] / "model.pt", weights_only=True))
     loader = make_val_loader(evaluated["betons"] / "val.beton", batch_size=64, resolution=spec.recipe.resolution,
@@ -141,7 +137,7 @@ def fresh_center_log_probs(evaluated, trained_run) -> torch.Tensor:
 def test_combining_saved_scores_equals_combining_fresh_ones(evaluated, trained_run):
     labels = torch.from_numpy(saved(evaluated, "center").labels)
     fresh_center = fresh_center_log_probs(evaluated, trained_run)
-    spec = run_spec(evaluated["params"], "alexnet2012", evaluated["dataset"], seed=0, epochs=1, num_workers=1)
+    spec = train_spec(evaluated["params"], "alexnet2012", evaluated["dataset"])
     weights = torch.load(trained_run["out"] / "model.pt", weights_only=True)
     fresh_ten = score_share(spec, weights, Location.local(evaluated["betons"]), Path("/unused"), ["ten_crop"], [256],
                             50, list(range(len(labels))), 2, amp=False)["ten_crop"][0]

@@ -21,10 +21,9 @@ from pipeline.data.loaders import IMAGENET_MEAN, IMAGENET_STD, make_val_loader
 from pipeline.storage.location import Location
 from pipeline.training.worker import PEAK_TFLOPS
 from pipeline.drivers.train import train_model
-from tests.conftest import FAST_MODEL, training_overrides, write_params
-from tests.test_loaders import flat_colour_beton
-from tests.test_training import (
-    EPOCH_METRICS, _history, checkpoints, finish, mlflow_runs, start_stage, steps, stop_after_first_checkpoint,
+from tests.conftest import (
+    EPOCH_METRICS, FAST_MODEL, checkpoints, finish, flat_colour_beton, mlflow_runs, read_history, start_train_stage,
+    steps, stop_after_first_checkpoint, training_overrides, write_params,
 )
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -48,7 +47,7 @@ def test_one_gpu_learns_in_two_epochs(tmp_path, ray_cluster, digits_betons, trai
 
     metrics = train_model(params, FAST_MODEL, Location.local(digits_betons), Location.local(tmp_path / "out"))
 
-    history = _history(tmp_path / "out")
+    history = read_history(tmp_path / "out")
     assert [row["epoch"] for row in history] == [0, 1]
     assert history[1]["train_loss"] < history[0]["train_loss"]
     assert metrics["val_top1_error"] < 0.9  # 10 classes: chance is 0.9
@@ -78,10 +77,10 @@ def test_stopped_gpu_run_resumes_from_its_checkpoint(tmp_path, digits_betons):
     stop_after_first_checkpoint(params, digits_betons, tmp_path)
     assert checkpoints(tmp_path), "an unfinished run keeps its checkpoints"
 
-    log = finish(start_stage(params, digits_betons, tmp_path / "out", tmp_path / "again.log"), tmp_path / "again.log")
+    log = finish(start_train_stage(params, digits_betons, tmp_path / "out", tmp_path / "again.log"), tmp_path / "again.log")
 
     assert f"Resuming {FAST_MODEL}-" in log and f"epoch 1/{STOP_EPOCHS} " not in log
-    history = _history(tmp_path / "out")
+    history = read_history(tmp_path / "out")
     assert [row["epoch"] for row in history] == list(range(STOP_EPOCHS))
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     client, runs = mlflow_runs(tmp_path)

@@ -15,8 +15,7 @@ from PIL import Image
 from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline.data.beton import write_beton
-from pipeline.config import PROJECT_ROOT, PreprocessParams
+from pipeline.config import PROJECT_ROOT
 from pipeline.data.loaders import (
     IMAGENET_MEAN,
     IMAGENET_PCA_EIGENVALUES,
@@ -26,31 +25,15 @@ from pipeline.data.loaders import (
     make_val_loader,
     normalize_on_device,
 )
+from tests.conftest import colour, flat_colour_beton
 
 TRAIN_SAMPLES = 40  # even: two ranks split it without padding
 VAL_SAMPLES = 21  # odd: a distributed sequential loader pads it
 RESOLUTION = 32
 
 
-def colour(index: int) -> np.ndarray:
-    return np.array([(7 * index) % 256, (100 + 3 * index) % 256, 200 - index], dtype=np.float64)
-
-
 def normalised(index: int) -> torch.Tensor:
     return torch.tensor((colour(index) - IMAGENET_MEAN) / IMAGENET_STD, dtype=torch.float32)
-
-
-def flat_colour_beton(folder: Path, count: int, params_dict: dict) -> Path:
-    """Sample i: a flat image of colour(i) (varied sizes), label i, stored raw so colours are exact."""
-    folder.mkdir()
-    paths = []
-    for index in range(count):
-        size = (48 + index % 3 * 8, 40 + index % 2 * 16)
-        paths.append(folder / f"{index}.png")
-        Image.new("RGB", size, tuple(int(c) for c in colour(index))).save(paths[-1])
-    params = PreprocessParams.model_validate(params_dict["preprocess"] | {"write_mode": "raw", "max_resolution": 64})
-    write_beton(folder / "data.beton", paths, list(range(count)), params)
-    return folder / "data.beton"
 
 
 @pytest.fixture(scope="module")

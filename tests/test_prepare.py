@@ -23,6 +23,7 @@ from pipeline.config import PROJECT_ROOT, DataParams
 from pipeline.errors import DataError
 from pipeline.data.tree import prepare, read_prepared
 from tests._trees import WNIDS, class_folder_tree, flat_val_with_devkit, write_photo
+from tests.conftest import start_stage, write_params_dict
 
 
 def data_params(params_dict: dict, **changes) -> DataParams:
@@ -198,30 +199,26 @@ def test_layout_errors_name_the_path_and_write_nothing(case, tmp_path, params_di
     assert not list(tmp_path.glob(".prepared*"))
 
 
-def run_stage(*args: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "stages.prepare", *args],
-        cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen,
-    )
-
-
-def write_params(tmp_path: Path, params_dict: dict, **data_changes) -> Path:
+def prepare_params(tmp_path: Path, params_dict: dict, **data_changes) -> Path:
     params_dict["data"] |= data_changes
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params_dict))
-    return path
+    return write_params_dict(tmp_path, params_dict)
+
+
+def start_prepare(params: Path, out: Path) -> subprocess.Popen:
+    return start_stage("prepare", "--params", str(params), "--out", str(out), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE)
 
 
 @pytest.mark.timeout(60)
 def test_stage_reports_input_errors_in_one_line_with_status_2(tmp_path, params_dict):
     params_dict["data"]["digits_image_size"] = "large"
-    stage = run_stage("--params", str(write_params(tmp_path, params_dict)), "--out", str(tmp_path / "out"))
+    stage = start_prepare(prepare_params(tmp_path, params_dict), tmp_path / "out")
     _, stderr = stage.communicate()
     assert stage.returncode == 2
     assert "data.digits_image_size" in stderr and "Traceback" not in stderr
 
-    params = write_params(tmp_path, params_dict, digits_image_size=96, source="folder", root=str(tmp_path / "nowhere"))
-    stage = run_stage("--params", str(params), "--out", str(tmp_path / "out"))
+    params = prepare_params(tmp_path, params_dict, digits_image_size=96, source="folder", root=str(tmp_path / "nowhere"))
+    stage = start_prepare(params, tmp_path / "out")
     _, stderr = stage.communicate()
     assert stage.returncode == 2
     assert str(tmp_path / "nowhere") in stderr and "Traceback" not in stderr
@@ -230,9 +227,9 @@ def test_stage_reports_input_errors_in_one_line_with_status_2(tmp_path, params_d
 
 @pytest.mark.timeout(60)
 def test_killed_stage_leaves_nothing_at_the_output_and_reruns(tmp_path, params_dict):
-    params = write_params(tmp_path, params_dict, digits_image_size=128)
+    params = prepare_params(tmp_path, params_dict, digits_image_size=128)
     out = tmp_path / "prepared"
-    stage = run_stage("--params", str(params), "--out", str(out))
+    stage = start_prepare(params, out)
     partial_images = tmp_path / ".prepared.partial" / "images"
     deadline = time.monotonic() + 30
     while not partial_images.exists() and stage.poll() is None and time.monotonic() < deadline:
@@ -242,7 +239,7 @@ def test_killed_stage_leaves_nothing_at_the_output_and_reruns(tmp_path, params_d
     assert stage.returncode == -signal.SIGKILL, "the stage finished before it could be killed mid-write"
     assert not out.exists()
 
-    rerun = run_stage("--params", str(params), "--out", str(out))
+    rerun = start_prepare(params, out)
     rerun.communicate()
     assert rerun.returncode == 0
     assert len(manifest(out, "train")) == 1437

@@ -30,6 +30,7 @@ from pipeline.data.images import load_rgb
 from pipeline.errors import DataError
 from pipeline.data.tree import prepare, read_tree
 from tests._trees import WNIDS, class_folder_tree, jpeg_bytes, write_photo
+from tests.conftest import run_stage, start_stage, write_params_dict
 
 MAX_RESOLUTION = 64
 
@@ -219,13 +220,9 @@ def test_beton_bytes_depend_only_on_inputs_and_params(tmp_path, params_dict):
     assert 0.4 < (modes == 0).mean() < 0.6  # mode 0 = JPEG, drawn with compress_probability
 
 
-def run_stage(tmp_path: Path, params_dict: dict, prepared: Path, out: Path, **popen) -> subprocess.Popen:
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(params_dict))
-    command = [sys.executable, "-m", "stages.preprocess", "--params", str(params), "--prepared", str(prepared),
-               "--out", str(out), "--report", str(tmp_path / "report.json")]
-    return subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            **popen)
+def preprocess_arguments(tmp_path: Path, params_dict: dict, prepared: Path, out: Path) -> list[str]:
+    return ["--params", str(write_params_dict(tmp_path, params_dict)), "--prepared", str(prepared), "--out", str(out),
+            "--report", str(tmp_path / "report.json")]
 
 
 @pytest.mark.timeout(180)
@@ -240,7 +237,8 @@ def test_killed_stage_leaves_no_beton_and_a_rerun_succeeds(tmp_path, params_dict
     out = tmp_path / "beton"
 
     # Its own session, so the kill reaches the worker processes too.
-    stage = run_stage(tmp_path, params_dict, tmp_path / "prepared", out, start_new_session=True)
+    arguments = preprocess_arguments(tmp_path, params_dict, tmp_path / "prepared", out)
+    stage = start_stage("preprocess", *arguments, stdout=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while not any(partial.stat().st_size for partial in out.glob(".train.beton.*.partial")) and stage.poll() is None \
             and time.monotonic() < deadline:
@@ -251,9 +249,7 @@ def test_killed_stage_leaves_no_beton_and_a_rerun_succeeds(tmp_path, params_dict
     assert not any((out / name).exists() for name in ("train.beton", "val.beton", "dataset.json"))
     assert not (tmp_path / "report.json").exists()
 
-    rerun = run_stage(tmp_path, params_dict, tmp_path / "prepared", out)
-    _, stderr = rerun.communicate()
-    assert rerun.returncode == 0, stderr
+    run_stage("preprocess", *arguments)
     assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "train.beton", "val.beton"]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["train"]["images"] == 300 and report["val"]["images"] == 4

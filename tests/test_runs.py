@@ -29,14 +29,14 @@ DATA = {"train": "a" * 64, "val": "b" * 64}
 
 def spec(params=None, **changes) -> RunSpec:
     params = params or load_params()
-    fields = dict(model="alexnet2012", num_classes=10, recipe=params.train, seed=0, epochs=2, num_workers=2,
+    fields = dict(model="alexnet2012", num_classes=10, recipe=params.train.recipe(), seed=0, epochs=2, num_workers=2,
                   use_gpu=False, data_sha256=DATA) | changes
     return RunSpec(**fields)
 
 
 def with_recipe(**changes):
     params = load_params()
-    return params.train.model_copy(update=changes)
+    return params.train.recipe().model_copy(update=changes)
 
 
 def test_run_name_is_stable():
@@ -186,8 +186,8 @@ def test_a_store_that_cannot_be_written_is_one_line_naming_it(tmp_path):
 MOVED_PROJECT_LOGS = """
 import sys
 from pipeline import tracking
-from tests.test_runs import mlflow_params
-store = tracking.open_store(mlflow_params(None))
+from pipeline.config import load_params
+store = tracking.open_store(load_params().mlflow.model_copy(update={"tracking_uri": None, "experiment": "tests"}))
 store.client.log_text(sys.argv[1], "new", "new.txt")
 print(store.client.get_run(sys.argv[1]).info.artifact_uri)
 """

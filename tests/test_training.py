@@ -26,54 +26,18 @@ from pipeline.runs.store import RAY_SNAPSHOT
 from pipeline.storage.location import Location
 from pipeline.training.optim import parameter_groups
 from pipeline.drivers.train import train_model
-from tests.conftest import FAST_MODEL, training_overrides, without_ray_address, write_params
+from tests.conftest import (
+    EPOCH_METRICS, FAST_MODEL, checkpoints, end_tree, finish, mlflow_runs, read_history, registered_checkpoint,
+    start_train_stage, steps, stop_after_first_checkpoint, train_worker_processes, training_overrides, wait_for,
+    write_params,
+)
 
 # Long enough that a kill reliably lands while the run still trains, short with LeNet-5.
 KILL_EPOCHS = 8
 
-EPOCH_METRICS = ["train_loss", "train_top1_error", "val_top1_error", "val_top5_error", "lr",
-                 "images_per_s", "epoch_time_s", "data_wait_share"]
-
-
-def mlflow_runs(folder: Path):
-    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("tests").experiment_id
-    return client, client.search_runs([experiment], order_by=["attributes.start_time ASC"])
-
-
-def steps(client: MlflowClient, run_id: str, metric: str) -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, metric))
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.5)
-
-
-def checkpoints(folder: Path) -> list[Path]:
-    return sorted((folder / "ray_results").glob("*/checkpoint_*"))
-
-
-def registered_checkpoint(folder: Path) -> bool:
-    """Ray Train has recorded a checkpoint in its snapshot: what a rerun resumes from."""
-    return bool(list((folder / "ray_results").glob(f"*/{RAY_SNAPSHOT}")))
-
-
-def train_workers(started_after: float) -> list[psutil.Process]:
-    """A run's live workers; the start time leaves out an earlier run's workers that Ray has not reaped."""
-    found = []
-    for process in psutil.process_iter(["cmdline", "create_time", "status"]):
-        if ("RayTrainWorker" in " ".join(process.info["cmdline"] or []) and process.info["create_time"] >= started_after
-                and process.info["status"] != psutil.STATUS_ZOMBIE):
-            found.append(process)
-    return found
-
 
 def test_loop_learns_and_writes_outputs(trained_run):
-    history = _history(trained_run["out"])
+    history = read_history(trained_run["out"])
     assert [row["epoch"] for row in history] == [0, 1, 2]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     for row in history:
@@ -113,7 +77,7 @@ def test_worker_killed_mid_epoch_is_restarted_and_resumes(tmp_path, ray_cluster,
 
     def kill_a_worker_in_the_second_epoch() -> None:
         wait_for(lambda: len(checkpoints(tmp_path)) >= 1, 300, "the first epoch's checkpoint")
-        killed["group"] = train_workers(started_after=started)
+        killed["group"] = train_worker_processes(started_after=started)
         time.sleep(2)
         killed["victim"] = killed["group"][1]
         killed["victim"].kill()
@@ -130,50 +94,11 @@ def test_worker_killed_mid_epoch_is_restarted_and_resumes(tmp_path, ray_cluster,
 
     every_epoch = list(range(KILL_EPOCHS))
     assert metrics["epochs"] == KILL_EPOCHS
-    assert [row["epoch"] for row in _history(tmp_path / "out")] == every_epoch
+    assert [row["epoch"] for row in read_history(tmp_path / "out")] == every_epoch
     client, runs = mlflow_runs(tmp_path)
     assert [run.info.status for run in runs] == ["FINISHED"]
     for metric in EPOCH_METRICS:
         assert steps(client, runs[0].info.run_id, metric) == every_epoch, f"{metric} lost or repeated an epoch"
-
-
-def start_stage(params: Path, data: Path, out: Path, log: Path, home: Path | None = None) -> subprocess.Popen:
-    # Its own session, so the test can end the whole tree (the stage's private Ray cluster too).
-    env = without_ray_address() | ({"PIPELINE_HOME": str(home)} if home else {})
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "stages.train", "--params", str(params), "--model", FAST_MODEL,
-         "--data", str(data), "--out", str(out)],
-        cwd=PROJECT_ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env,
-    )
-
-
-def end_tree(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=60)
-
-
-def stop_after_first_checkpoint(params: Path, data: Path, folder: Path) -> None:
-    """Starts the train stage and sends it SIGTERM once its first checkpoint is registered: it must end
-    with 130, the shell's code for a stop by signal."""
-    stage = start_stage(params, data, folder / "out", folder / "stage.log")
-    try:
-        wait_for(lambda: registered_checkpoint(folder), 400, "the first epoch's checkpoint")
-        stage.send_signal(signal.SIGTERM)
-        assert stage.wait(timeout=120) == 130, (folder / "stage.log").read_text()
-    finally:
-        end_tree(stage)
-
-
-def finish(process: subprocess.Popen, log: Path) -> str:
-    try:
-        assert process.wait(timeout=600) == 0, log.read_text()
-    finally:
-        end_tree(process)
-    return log.read_text()
 
 
 def test_killed_driver_resumes_in_the_moved_project(tmp_path, digits_betons):
@@ -185,7 +110,7 @@ def test_killed_driver_resumes_in_the_moved_project(tmp_path, digits_betons):
     overrides["ray"]["storage_path"] = "ray_results"
     overrides["mlflow"]["tracking_uri"] = None
     params, _ = write_params(first, overrides)
-    stage = start_stage(params, first / "data" / "beton", first / "out", tmp_path / "first.log", home=first)
+    stage = start_train_stage(params, first / "data" / "beton", first / "out", tmp_path / "first.log", home=first)
     try:
         wait_for(lambda: registered_checkpoint(first), 400, "the first epoch's checkpoint")
         client, runs = mlflow_runs(first)
@@ -196,7 +121,7 @@ def test_killed_driver_resumes_in_the_moved_project(tmp_path, digits_betons):
 
     moved = tmp_path / "moved"
     shutil.move(first, moved)
-    log = finish(start_stage(moved / "params.yaml", moved / "data" / "beton", moved / "out",
+    log = finish(start_train_stage(moved / "params.yaml", moved / "data" / "beton", moved / "out",
                              tmp_path / "second.log", home=moved), tmp_path / "second.log")
     assert f"Resuming {FAST_MODEL}-" in log
     assert f"epoch 1/{KILL_EPOCHS} " not in log and f"epoch {KILL_EPOCHS}/{KILL_EPOCHS} " in log
@@ -204,7 +129,7 @@ def test_killed_driver_resumes_in_the_moved_project(tmp_path, digits_betons):
     assert [run.info.status for run in runs] == ["FINISHED"], "the rerun must continue the same MLflow run"
     for metric in EPOCH_METRICS:
         assert steps(client, runs[0].info.run_id, metric) == list(range(KILL_EPOCHS)), metric
-    assert [row["epoch"] for row in _history(moved / "out")] == list(range(KILL_EPOCHS))
+    assert [row["epoch"] for row in read_history(moved / "out")] == list(range(KILL_EPOCHS))
     assert runs[0].info.artifact_uri.startswith((moved / "mlartifacts").as_uri())
     assert list((moved / "mlartifacts").glob("**/MLmodel")), "the model lands in the moved project"
     assert not checkpoints(moved) and not (tmp_path / "first").exists()
@@ -224,7 +149,7 @@ def test_sigterm_marks_the_run_killed_and_it_resumes_into_another_tracking_store
     overrides = training_overrides(tmp_path, epochs=KILL_EPOCHS, compile=True, log_every_s=0.2)
     overrides["mlflow"]["tracking_uri"] = f"sqlite:///{other / 'mlflow.db'}"
     changed, _ = write_params(other, overrides)
-    log = finish(start_stage(changed, digits_betons, tmp_path / "out", tmp_path / "again.log"), tmp_path / "again.log")
+    log = finish(start_train_stage(changed, digits_betons, tmp_path / "out", tmp_path / "again.log"), tmp_path / "again.log")
     assert f"Resuming {FAST_MODEL}-" in log and f"epoch 1/{KILL_EPOCHS} " not in log
     # Each epoch's line once (Ray Train's print patch doubled them), and none of Ray's report records.
     epoch_lines = [int(e) for e in re.findall(rf"\] epoch (\d+)/{KILL_EPOCHS} train_loss=", log)]
@@ -285,11 +210,3 @@ def test_bad_data_is_refused_before_ray_starts(tmp_path, digits_betons):
     with pytest.raises(DataError, match=r"changed/train.beton: \d+ bytes where .* records .*changed since"):
         train_model(params, FAST_MODEL, Location.local(changed), out)
     assert not (tmp_path / "mlflow.db").exists()
-
-
-def _history(out: Path) -> list[dict]:
-    import csv
-
-    with open(out / "history.csv") as handle:
-        return [{key: float(value) if key != "epoch" else int(value) for key, value in row.items()}
-                for row in csv.DictReader(handle)]

@@ -15,7 +15,7 @@ Without --data it writes --images photo-like 400x300 JPEGs (benchmarks/loader_th
 .beton as the preprocess stage does (write_mode proportion). Every variant's first epoch is a warm-up
 (FFCV compiles its numba pipeline, cuDNN picks its algorithms, torch.compile compiles); the rate is
 taken over the epochs after it, with the GPU synchronised at both ends. MFU is the model's training
-FLOP/s (6 x the forward MACs of models/layer_table.py per image) over the GPU's dense peak, for the
+FLOP/s (6 x the forward MACs of models/layers.py per image) over the GPU's dense peak, for the
 GPUs pipeline/training/worker.py knows.
 """
 

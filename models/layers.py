@@ -1,7 +1,7 @@
 """Per-layer output shape, receptive field, activation memory, parameters and MACs of a model, in the style
 of the CS231n notes' VGG16 walk-through, worked out from each layer's hyperparameters without running the
 model.
-The layer-table command (models/layer_table.py) prints it.
+The layer-table command (pipeline/reports/layer_table.py) prints it.
 
 Rows follow the model's evaluation graph (models.shapes): the input, every convolution (with the batch
 norm after it folded in), every pool (global pools included), every fully connected layer, every residual

@@ -14,7 +14,7 @@ from torch import fx, nn
 from torchvision.models import GoogLeNetOutputs
 
 import models
-from models.layer_table import main, receptive_field_comparison
+from pipeline.reports.layer_table import main, receptive_field_comparison
 from models.layers import LayerTable, layer_table
 from models.resnet import BLOCKS
 from models.shapes import feature_maps, trace

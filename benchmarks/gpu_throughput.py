@@ -22,7 +22,6 @@ GPUs pipeline/training/worker.py knows.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -38,14 +37,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import models
+from benchmarks.common import rate_in_one_ray_worker
 from benchmarks.loader_throughput import write_sample_tree
 from models.layers import layer_table
-from pipeline.data.beton import preprocess
 from pipeline.config import PreprocessParams
+from pipeline.data.beton import preprocess
 from pipeline.data.dataset import Dataset
-from pipeline.data.tree import read_tree
 from pipeline.data.loaders import make_train_loader
+from pipeline.data.tree import read_tree
 from pipeline.training.device import TRAINING_FLOPS_PER_MAC, gpu_peak_flops
+from pipeline.training.optim import sgd_step
 
 RESOLUTION = 224
 NUM_CLASSES = 1000
@@ -64,12 +65,8 @@ def images_per_second(model: nn.Module, batches_per_epoch, epochs: int, amp_dtyp
             images, start = 0, time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device="cuda")  # as the training loop keeps it
         for inputs, labels in batches_per_epoch():
-            with torch.autocast("cuda", dtype=amp_dtype):
-                loss = criterion(model(inputs), labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss, _ = sgd_step(model, optimizer, scaler, criterion, inputs, labels,
+                               lambda: torch.autocast("cuda", dtype=amp_dtype))
             loss_sum += loss.detach() * len(labels)
             images += len(labels)
     torch.cuda.synchronize()
@@ -108,23 +105,10 @@ def plain_ddp(config: dict, scratch: Path) -> float:
         torch.cuda.empty_cache()  # the memory goes back before the Ray worker's turn
 
 
-def ray_train_worker(config: dict) -> None:
-    rate = gpu_loop(config)
-    Path(config["result_file"]).write_text(json.dumps({"images_per_s": rate}))
-    ray.train.report({"images_per_s": rate})
-
-
 def ray_train(config: dict, scratch: Path) -> float:
-    result_file = scratch / f"ray-{config['model']}.json"
-    trainer = ray.train.torch.TorchTrainer(
-        ray_train_worker, train_loop_config=config | {"result_file": str(result_file)},
-        scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=True,
-                                               resources_per_worker={"CPU": config["threads"], "GPU": 1}),
-        run_config=ray.train.RunConfig(storage_path=str(scratch / "ray"), name=f"gpu-benchmark-{config['model']}"),
-    )
-    trainer.fit()
-    # Result.metrics is not dependable in Ray 2.60 (it can come back None): read the worker's file.
-    return json.loads(result_file.read_text())["images_per_s"]
+    scaling = ray.train.ScalingConfig(num_workers=1, use_gpu=True,
+                                      resources_per_worker={"CPU": config["threads"], "GPU": 1})
+    return rate_in_one_ray_worker(gpu_loop, config, scaling, scratch, f"gpu-benchmark-{config['model']}")
 
 
 def photo_beton(scratch: Path, images: int, threads: int) -> Path:

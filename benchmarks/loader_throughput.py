@@ -32,10 +32,10 @@ from sklearn.datasets import load_sample_images
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from pipeline.data.beton import preprocess
 from pipeline.config import PreprocessParams
-from pipeline.data.tree import read_tree
+from pipeline.data.beton import preprocess
 from pipeline.data.loaders import IMAGENET_MEAN, IMAGENET_STD, make_train_loader
+from pipeline.data.tree import read_tree
 
 RESOLUTION = 224
 SOURCE_SIZE = (400, 300)  # width, height

@@ -35,6 +35,7 @@ import models
 from pipeline.config import PROJECT_ROOT, Params, load_params
 from pipeline.data.dataset import Dataset
 from pipeline.scoring.protocols import image_streams
+from pipeline.training.optim import sgd_step
 
 MIRRORED = 2  # a view and its mirror image
 STAGE_LINE = re.compile(r"Running stage '(.+)':")
@@ -90,6 +91,7 @@ def plain_rate(model_name: str, what: str, params: Params, num_classes: int, ste
     images = torch.randn(batch, 3, resolution, resolution)
     labels = torch.randint(0, num_classes, (batch,))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
     criterion = nn.CrossEntropyLoss()
     model.train(what == "train")
     start = None
@@ -97,10 +99,7 @@ def plain_rate(model_name: str, what: str, params: Params, num_classes: int, ste
         if step == 1:
             start = time.perf_counter()
         if what == "train":
-            loss, _ = models.training_loss(model(images), labels, criterion)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            sgd_step(model, optimizer, scaler, criterion, images, labels)
         else:
             with torch.no_grad():
                 model(images)

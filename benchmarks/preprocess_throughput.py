@@ -42,8 +42,8 @@ from ffcv.writer import DatasetWriter
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from pipeline.data.beton import CHUNK, BetonWriter, page_size, worker_pool, write_beton
 from pipeline.config import PreprocessParams
+from pipeline.data.beton import CHUNK, BetonWriter, page_size, worker_pool, write_beton
 from pipeline.data.dataset import file_sha256
 from pipeline.data.images import ImageStorage, store_images
 

@@ -21,7 +21,6 @@ follow that work, while the CPU time a step costs does much less.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
@@ -35,8 +34,10 @@ import torch
 from torch import nn
 
 import models
-from pipeline.data.loaders import make_train_loader
+from benchmarks.common import rate_in_one_ray_worker
 from pipeline.data.dataset import Dataset
+from pipeline.data.loaders import make_train_loader
+from pipeline.training.optim import sgd_step
 
 
 def images_per_second(model: nn.Module, batches_per_epoch, epochs: int, *, read_every_step: bool = False,
@@ -46,6 +47,7 @@ def images_per_second(model: nn.Module, batches_per_epoch, epochs: int, *, read_
     The loop keeps the training loop's running sums: on the device, or (read_every_step) read from it
     after every step; fused picks SGD's fused implementation over its default."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
     loss_function = nn.CrossEntropyLoss()
     model.train()
     images, start, cpu_start = 0, None, None
@@ -57,11 +59,7 @@ def images_per_second(model: nn.Module, batches_per_epoch, epochs: int, *, read_
         else:
             loss_sum, correct = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.int64)
         for inputs, labels in batches_per_epoch():
-            logits = model(inputs)
-            loss = loss_function(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, logits = sgd_step(model, optimizer, scaler, loss_function, inputs, labels)
             if read_every_step:
                 loss_sum += loss.item() * labels.numel()
                 correct += (logits.argmax(1) == labels).sum().item()
@@ -110,23 +108,10 @@ def in_memory_loops(config: dict, rounds: int) -> dict[str, list[tuple[float, fl
     return rates
 
 
-def ray_train_worker(config: dict) -> None:
-    rate = ffcv_loop(config)
-    Path(config["result_file"]).write_text(json.dumps({"images_per_s": rate}))
-    ray.train.report({"images_per_s": rate})
-
-
 def ray_train_loop(config: dict) -> float:
     with tempfile.TemporaryDirectory() as folder:
-        config = config | {"result_file": str(Path(folder) / "result.json")}
-        trainer = ray.train.torch.TorchTrainer(
-            ray_train_worker, train_loop_config=config,
-            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": config["threads"]}),
-            run_config=ray.train.RunConfig(storage_path=folder, name="benchmark"),
-        )
-        trainer.fit()
-        # Result.metrics is not dependable in Ray 2.60 (it can come back None): read the worker's file.
-        return json.loads(Path(config["result_file"]).read_text())["images_per_s"]
+        scaling = ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": config["threads"]})
+        return rate_in_one_ray_worker(ffcv_loop, config, scaling, Path(folder), "benchmark")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,13 +27,12 @@ models' rows carry their module paths, which are torchvision's parameter names (
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from torch import fx, nn
 
-from models import build, names
+from models import build
 from models.convnet import ConvNet
 from models.shapes import ADDITIONS, CONCATENATIONS, FeatureMap, feature_maps, trace
 

@@ -25,11 +25,11 @@ from typing import Any, Literal
 import filelock
 import mlflow
 import torch
-from requests.exceptions import RequestException
-from sqlalchemy.exc import SQLAlchemyError
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from requests.exceptions import RequestException
+from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.config import PROJECT_ROOT, MlflowParams
 from pipeline.data.dataset import Dataset

@@ -15,8 +15,8 @@ import numpy as np
 import psutil
 import pytest
 import yaml
-from PIL import Image
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from pipeline.config import PROJECT_ROOT, Params, PreprocessParams, load_params
 from pipeline.data.beton import write_beton
@@ -140,8 +140,8 @@ def trained_run(tmp_path_factory, ray_cluster, digits_tree):
     """One real training run (alexnet2012, 3 epochs, 2 Ray workers) shared by the tests that inspect it.
     It trains on all the digits: on the 300-image subset, 27 steps are too few for a dependable
     better-than-chance result."""
-    from pipeline.storage.location import Location
     from pipeline.drivers.train import train_model
+    from pipeline.storage.location import Location
 
     betons = preprocess(digits_tree, digits_tree / "params.yaml")
     folder = tmp_path_factory.mktemp("trained")

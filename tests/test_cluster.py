@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,7 +21,17 @@ from pipeline.runs.store import RAY_SNAPSHOT, RESULT_MARKER, RESULT_WEIGHTS
 from pipeline.storage.location import Location
 from tests._trees import WNIDS, class_folder_tree, flat_val_with_devkit
 from tests.cluster import LocalCluster, mlflow_server, s3_server, wait_until
-from tests.conftest import FAST_MODEL, change_params, clean_copy, ran, run_stage, training_overrides, write_params
+from tests.conftest import (
+    FAST_MODEL,
+    change_params,
+    clean_copy,
+    ran,
+    run_stage,
+    training_overrides,
+    write_params,
+)
+
+pytestmark = pytest.mark.slow  # every test here trains or runs stages on a cluster
 
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
 LONG_RUN_EPOCHS = 8

@@ -14,7 +14,14 @@ import pytest
 import yaml
 
 import models
-from pipeline.config import PROJECT_ROOT, EnsembleParams, EvaluateParams, PreprocessParams, Recipe, load_params
+from pipeline.config import (
+    PROJECT_ROOT,
+    EnsembleParams,
+    EvaluateParams,
+    PreprocessParams,
+    Recipe,
+    load_params,
+)
 from pipeline.runs.identity import RunSpec
 from tests.conftest import FAST_MODEL
 

@@ -14,11 +14,18 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import PROJECT_ROOT
-from tests.conftest import FAST_MODEL, FAST_RESOLUTION, change_params, clean_copy, ran, without_ray_address
+from tests.conftest import (
+    FAST_MODEL,
+    FAST_RESOLUTION,
+    change_params,
+    clean_copy,
+    ran,
+    without_ray_address,
+)
+
+pytestmark = pytest.mark.slow  # every test here trains or runs stages on a cluster
 
 # LeNet-5 everywhere, so the time goes to DVC, Ray and MLflow rather than to convolutions.
 REDUCED = {
@@ -64,7 +71,7 @@ def test_dvc_repro_then_params_changes_rerun_only_what_they_shape(tmp_path):
     metrics = json.loads(dvc(repo, "metrics", "show", "--json"))
     by_file = next(iter(metrics.values()))["data"]
     assert by_file["reports/preprocess.json"]["data"]["train"]["images"] == 1437
-    assert 0 <= by_file[f"outputs/train/{FAST_MODEL}/metrics.json"]["data"]["val_top1_error"] <= 1
+    assert by_file[f"outputs/train/{FAST_MODEL}/metrics.json"]["data"]["val_top1_error"] < 0.9  # chance: 0.9
     assert by_file["outputs/ensemble/metrics.json"]["data"]["members"] == 1
     assert "Data and pipelines are up to date." in dvc(repo, "repro")
     dvc(repo, "plots", "show", "-o", "plots")
@@ -91,7 +98,7 @@ def test_dvc_repro_then_params_changes_rerun_only_what_they_shape(tmp_path):
     rows = list(csv.DictReader(io.StringIO(dvc(repo, "exp", "show", "--csv"))))
     experiment = [row for row in rows if row["ensemble.members"] == "2"]
     assert len(experiment) == 1 and experiment[0]["members"] == "2", rows
-    assert 0 <= float(experiment[0]["ensemble_top1_error"]) <= 1
+    assert float(experiment[0]["ensemble_top1_error"]) < 0.9
     ensembles = [run for run in tracked_runs(repo)
                  if run.data.tags.get("dvc_stage") == "ensemble" and "mlflow.parentRunId" not in run.data.tags]
     assert sorted(run.data.params["ensemble.members"] for run in ensembles) == ["1", "2"]

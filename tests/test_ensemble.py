@@ -25,12 +25,21 @@ from pipeline.drivers.ensemble import (
     run_ensemble,
 )
 from pipeline.drivers.evaluate import evaluate_model
+from pipeline.drivers.train import train_model
+from pipeline.runs.context import run_store
 from pipeline.runs.store import RESULT_MARKER, RESULT_WEIGHTS
 from pipeline.scoring.protocols import ScoresError
 from pipeline.storage.location import Location
-from pipeline.drivers.train import train_model
-from pipeline.runs.context import run_store
-from tests.conftest import FAST_MODEL, end_tree, training_overrides, wait_for, without_ray_address, write_params
+from tests.conftest import (
+    FAST_MODEL,
+    end_tree,
+    training_overrides,
+    wait_for,
+    without_ray_address,
+    write_params,
+)
+
+pytestmark = pytest.mark.slow  # every test here trains or runs stages on a cluster
 
 MEMBERS = 2
 

@@ -16,11 +16,12 @@ from ffcv.reader import Reader
 from mlflow.tracking import MlflowClient
 
 import models
-from pipeline.scoring.combine import combine, top_k_errors
 from pipeline.data.dataset import Dataset
-from pipeline.drivers.evaluate import evaluate_model
 from pipeline.data.loaders import make_val_loader
+from pipeline.drivers.evaluate import evaluate_model
 from pipeline.drivers.predict import from_weights
+from pipeline.runs.identity import train_spec
+from pipeline.scoring.combine import combine, top_k_errors
 from pipeline.scoring.protocols import (
     Scores,
     ScoresError,
@@ -31,7 +32,6 @@ from pipeline.scoring.protocols import (
     scores_file,
 )
 from pipeline.storage.location import Location
-from pipeline.runs.identity import train_spec
 from tests.conftest import PROJECT_ROOT
 
 PROTOCOLS = ["center", "center_mirror", "ten_crop", "multi_scale"]
@@ -114,6 +114,7 @@ def saved(evaluated, protocol: str) -> Scores:
                        evaluated["dataset"].files["val"].sha256)
 
 
+@pytest.mark.slow
 def test_every_validation_image_is_scored_once_by_two_tasks(evaluated):
     labels = Reader(str(evaluated["betons"] / "val.beton")).metadata["f1"]
     for protocol in PROTOCOLS:
@@ -134,6 +135,7 @@ def fresh_center_log_probs(evaluated, trained_run) -> torch.Tensor:
         return torch.cat([model.eval()(images).log_softmax(dim=1) for images, _ in loader])
 
 
+@pytest.mark.slow
 def test_combining_saved_scores_equals_combining_fresh_ones(evaluated, trained_run):
     labels = torch.from_numpy(saved(evaluated, "center").labels)
     fresh_center = fresh_center_log_probs(evaluated, trained_run)
@@ -155,6 +157,7 @@ def test_combining_saved_scores_equals_combining_fresh_ones(evaluated, trained_r
         assert top_k_errors(from_stored[decided], labels[decided]) == top_k_errors(from_fresh[decided], labels[decided])
 
 
+@pytest.mark.slow
 def test_outputs_per_class_errors_and_mlflow(evaluated, trained_run):
     out, classes = evaluated["out"], evaluated["dataset"].classes
     metrics = json.loads((out / "metrics.json").read_text())
@@ -179,6 +182,7 @@ def raw_val_images(betons: Path, count: int) -> list[int]:
     return [int(index) for index in np.flatnonzero(modes == 1)[:count]]
 
 
+@pytest.mark.slow
 def test_predict_top1_matches_the_evaluation(evaluated, trained_run, digits_tree):
     predictor = from_weights(trained_run["out"] / "model.pt", trained_run["folder"] / "params.yaml",
                              evaluated["betons"], "alexnet2012")
@@ -197,6 +201,7 @@ def run_predict(*arguments: str, env: dict | None = None) -> subprocess.Complete
                           capture_output=True, timeout=300, env=os.environ | (env or {}))
 
 
+@pytest.mark.slow
 def test_predict_command_and_its_refusals(trained_run, digits_tree, tmp_path):
     image = next((digits_tree / "prepared" / "images" / "val" / "digit_4").iterdir())
     weights = ["--model", str(trained_run["out"] / "model.pt"), "--name", "alexnet2012", "--params",
@@ -230,6 +235,7 @@ print(model.predict(numpy.zeros((3, 3, side, side), dtype=numpy.float32)).shape,
 """
 
 
+@pytest.mark.slow
 def test_logged_model_loads_without_the_project_and_takes_any_batch(trained_run, tmp_path):
     uri = trained_run["params"].mlflow.tracking_uri
     client = MlflowClient(uri)
@@ -240,6 +246,7 @@ def test_logged_model_loads_without_the_project_and_takes_any_batch(trained_run,
     assert loaded.stdout.split("\n")[-2] == "(3, 10) 10", "a batch of 3 (the example's is 2), 10 classes"
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_missing_weights_in_one_line(trained_run, digits_tree, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "stages.evaluate", "--params", str(trained_run["folder"] / "params.yaml"), "--model",

@@ -18,12 +18,22 @@ from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
 
 from pipeline.config import PROJECT_ROOT
 from pipeline.data.loaders import IMAGENET_MEAN, IMAGENET_STD, make_val_loader
-from pipeline.storage.location import Location
-from pipeline.training.worker import PEAK_TFLOPS
 from pipeline.drivers.train import train_model
+from pipeline.storage.location import Location
+from pipeline.training.device import PEAK_TFLOPS
 from tests.conftest import (
-    EPOCH_METRICS, FAST_MODEL, checkpoints, finish, flat_colour_beton, mlflow_runs, read_history, start_train_stage,
-    steps, stop_after_first_checkpoint, training_overrides, write_params,
+    EPOCH_METRICS,
+    FAST_MODEL,
+    checkpoints,
+    finish,
+    flat_colour_beton,
+    mlflow_runs,
+    read_history,
+    start_train_stage,
+    steps,
+    stop_after_first_checkpoint,
+    training_overrides,
+    write_params,
 )
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -15,7 +15,8 @@ from PIL import Image
 from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline.config import PROJECT_ROOT
+from pipeline.config import PROJECT_ROOT, PreprocessParams
+from pipeline.data.beton import write_beton
 from pipeline.data.loaders import (
     IMAGENET_MEAN,
     IMAGENET_PCA_EIGENVALUES,
@@ -196,6 +197,7 @@ def record_what_each_rank_sees(config: dict) -> None:
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(seen))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_two_ray_workers_split_train_and_count_every_val_image_once(betons, tmp_path, ray_cluster):
     trainer = TorchTrainer(

@@ -15,6 +15,8 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import PROJECT_ROOT
 from tests.conftest import free_port
 
+pytestmark = pytest.mark.slow  # every test here trains or runs stages on a cluster
+
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 # Without the background-networking flags Chromium keeps dialling Google on this offline machine.

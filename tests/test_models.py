@@ -14,10 +14,10 @@ from torch import fx, nn
 from torchvision.models import GoogLeNetOutputs
 
 import models
-from pipeline.reports.layer_table import main, receptive_field_comparison
 from models.layers import LayerTable, layer_table
 from models.resnet import BLOCKS
 from models.shapes import feature_maps, trace
+from pipeline.reports.layer_table import main, receptive_field_comparison
 
 # torchvision's published counts (each model's ImageNet weights list them: e.g.
 # torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["num_params"]); alexnet2012 summed by hand from

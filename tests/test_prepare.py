@@ -11,17 +11,15 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 from PIL import Image
 
-from pipeline.config import PROJECT_ROOT, DataParams
-from pipeline.errors import DataError
+from pipeline.config import DataParams
 from pipeline.data.tree import prepare, read_prepared
+from pipeline.errors import DataError
 from tests._trees import WNIDS, class_folder_tree, flat_val_with_devkit, write_photo
 from tests.conftest import start_stage, write_params_dict
 

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,18 +16,17 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-import yaml
 from ffcv.fields import IntField, RGBImageField
 from ffcv.reader import Reader
 from ffcv.writer import DatasetWriter
 from PIL import Image
 
+from pipeline.config import DataParams, PreprocessParams
 from pipeline.data.beton import preprocess, worker_pool, write_beton
-from pipeline.config import PROJECT_ROOT, DataParams, PreprocessParams
 from pipeline.data.dataset import Dataset
 from pipeline.data.images import load_rgb
-from pipeline.errors import DataError
 from pipeline.data.tree import prepare, read_tree
+from pipeline.errors import DataError
 from tests._trees import WNIDS, class_folder_tree, jpeg_bytes, write_photo
 from tests.conftest import run_stage, start_stage, write_params_dict
 

@@ -19,6 +19,8 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import PROJECT_ROOT
 from tests.conftest import clean_copy, free_port, without_ray_address
 
+pytestmark = pytest.mark.slow  # every test here trains or runs stages on a cluster
+
 VENV_BIN = Path(os.sys.executable).parent
 README_PORT = "127.0.0.1:8265"
 # The README's command, as written (the test's head listens on another port than the README's 8265).

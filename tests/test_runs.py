@@ -18,10 +18,10 @@ from mlflow.tracking import MlflowClient
 from pipeline import tracking
 from pipeline.config import PROJECT_ROOT, MlflowParams, load_params
 from pipeline.errors import InputError
-from pipeline.storage.paths import command_line_location, params_location, project_home
 from pipeline.runs.identity import RunSpec
 from pipeline.runs.store import RunResult, RunStore
 from pipeline.storage.location import Location
+from pipeline.storage.paths import command_line_location, params_location, project_home
 
 RAY_COPY = Path("/tmp/ray/session_1/runtime_resources/working_dir_files/_ray_pkg_0123abcd")
 DATA = {"train": "a" * 64, "val": "b" * 64}

@@ -2,33 +2,37 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
-import psutil
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 from torch import nn
 
 import models
 from pipeline import tracking
-from pipeline.config import PROJECT_ROOT, MlflowParams, load_params
+from pipeline.config import MlflowParams, load_params
+from pipeline.drivers.train import train_model
 from pipeline.errors import DataError
-from pipeline.runs.store import RAY_SNAPSHOT
 from pipeline.storage.location import Location
 from pipeline.training.optim import parameter_groups
-from pipeline.drivers.train import train_model
 from tests.conftest import (
-    EPOCH_METRICS, FAST_MODEL, checkpoints, end_tree, finish, mlflow_runs, read_history, registered_checkpoint,
-    start_train_stage, steps, stop_after_first_checkpoint, train_worker_processes, training_overrides, wait_for,
+    EPOCH_METRICS,
+    FAST_MODEL,
+    checkpoints,
+    end_tree,
+    finish,
+    mlflow_runs,
+    read_history,
+    registered_checkpoint,
+    start_train_stage,
+    steps,
+    stop_after_first_checkpoint,
+    train_worker_processes,
+    training_overrides,
+    wait_for,
     write_params,
 )
 
@@ -36,6 +40,7 @@ from tests.conftest import (
 KILL_EPOCHS = 8
 
 
+@pytest.mark.slow
 def test_loop_learns_and_writes_outputs(trained_run):
     history = read_history(trained_run["out"])
     assert [row["epoch"] for row in history] == [0, 1, 2]
@@ -52,6 +57,7 @@ def test_loop_learns_and_writes_outputs(trained_run):
     assert not checkpoints(trained_run["folder"]), "a finished run's checkpoints are deleted"
 
 
+@pytest.mark.slow
 def test_mlflow_holds_the_run(trained_run):
     client, runs = mlflow_runs(trained_run["folder"])
     assert len(runs) == 1
@@ -70,6 +76,7 @@ def test_mlflow_holds_the_run(trained_run):
     assert [model.source_run_id for model in logged] == [run.info.run_id]
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_epoch_is_restarted_and_resumes(tmp_path, ray_cluster, digits_betons):
     _, params = write_params(tmp_path, training_overrides(tmp_path, ray={"max_failures": 2}, epochs=KILL_EPOCHS))
     killed: dict = {}
@@ -101,6 +108,7 @@ def test_worker_killed_mid_epoch_is_restarted_and_resumes(tmp_path, ray_cluster,
         assert steps(client, runs[0].info.run_id, metric) == every_epoch, f"{metric} lost or repeated an epoch"
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_in_the_moved_project(tmp_path, digits_betons):
     """A project with relative locations (ray_results/, the default mlflow.db) is killed after its first
     epoch, moved, and run again from its new place: the run resumes at epoch 2 and continues its MLflow run."""
@@ -135,6 +143,7 @@ def test_killed_driver_resumes_in_the_moved_project(tmp_path, digits_betons):
     assert not checkpoints(moved) and not (tmp_path / "first").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_marks_the_run_killed_and_it_resumes_into_another_tracking_store(tmp_path, digits_betons):
     params, _ = write_params(tmp_path, training_overrides(tmp_path, epochs=KILL_EPOCHS))
     stop_after_first_checkpoint(params, digits_betons, tmp_path)
@@ -199,6 +208,7 @@ def test_failure_marks_the_run_failed(tmp_path):
     assert tracking.open_run(store, "failing", {}, {}, reuse_finished=False).id != run.id
 
 
+@pytest.mark.slow
 def test_bad_data_is_refused_before_ray_starts(tmp_path, digits_betons):
     _, params = write_params(tmp_path, training_overrides(tmp_path))
     out = Location.local(tmp_path / "out")

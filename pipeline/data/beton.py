@@ -5,7 +5,7 @@ IntField (the class index of classes.json). Samples keep the manifest order, so 
 reads val in manifest order. <out>/dataset.json describes the pair (pipeline/data/dataset.py).
 
 How a split is written: worker processes (preprocess.num_workers; null = every core) turn each file
-into its finished sample with one decode (image_check.store_images: check, conversion to RGB, resize,
+into its finished sample with one decode (images.store_images: check, conversion to RGB, resize,
 the JPEG-or-raw choice, JPEG encoding); this process takes the samples back in manifest order and
 only copies their bytes into the file's pages (BetonWriter). What that keeps, where FFCV 1.0.2's own
 DatasetWriter would not:
@@ -55,7 +55,14 @@ from pathlib import Path
 import numpy as np
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.rgb_image import IMAGE_MODES
-from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, TYPE_ID_HANDLER, FieldDescType, HeaderType, get_metadata_type
+from ffcv.types import (
+    ALLOC_TABLE_TYPE,
+    CURRENT_VERSION,
+    TYPE_ID_HANDLER,
+    FieldDescType,
+    HeaderType,
+    get_metadata_type,
+)
 from ffcv.utils import align_to_page
 from ffcv.writer import MAX_PAGE_SIZE, MIN_PAGE_SIZE
 from tqdm import tqdm
@@ -262,7 +269,7 @@ class BetonWriter:
 def _stored_images(
     pool: ProcessPoolExecutor, images: Sequence[Path], params: PreprocessParams
 ) -> Iterator[StoredImage]:
-    """image_check.store_images over `images`, CHUNK files a task, yielded in order; at most
+    """images.store_images over `images`, CHUNK files a task, yielded in order; at most
     IN_FLIGHT_PER_WORKER tasks per worker are pending, so memory stays bounded whatever the count."""
     storage = ImageStorage(
         max_resolution=params.max_resolution,

@@ -37,14 +37,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.fields.rgb_image import (
+    CenterCropRGBImageDecoder,
+    RandomResizedCropRGBImageDecoder,
+)
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
+from ffcv.transforms import (
+    NormalizeImage,
+    RandomHorizontalFlip,
+    Squeeze,
+    ToDevice,
+    ToTensor,
+    ToTorchImage,
+)
 from ffcv.traversal_order.quasi_random import QuasiRandom, generate_order_inner
-from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from pipeline.config import VAL_CROP_RATIO
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD

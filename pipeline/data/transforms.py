@@ -1,5 +1,5 @@
 """The validation transform for one image file, as the pipeline applies it to the .beton's images:
-stored by the preprocess stage's rules (pipeline/image_check.load_rgb: converted to RGB, resized by
+stored by the preprocess stage's rules (pipeline/data/images.load_rgb: converted to RGB, resized by
 max_resolution and short_side), then FFCV's centre crop (the central square of crop_ratio times the
 short side, ffcv.fields.rgb_image.get_center_crop, resized to resolution with OpenCV's INTER_AREA as
 FFCV's resize_crop does) and ImageNet normalisation. The same numbers travel with a logged MLflow model

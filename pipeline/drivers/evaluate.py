@@ -19,7 +19,12 @@ from pipeline.config import Params
 from pipeline.errors import InputError
 from pipeline.runs.context import StageContext
 from pipeline.runs.identity import RunSpec, train_spec
-from pipeline.scoring.class_errors import confusion_figure, confusion_matrix, confusion_rows, per_class_table
+from pipeline.scoring.class_errors import (
+    confusion_figure,
+    confusion_matrix,
+    confusion_rows,
+    per_class_table,
+)
 from pipeline.scoring.protocols import Scores, score_on_cluster, scores_file
 from pipeline.storage.location import Location
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import InputError
 from pipeline.data.transforms import UnusableImage, ValTransform
+from pipeline.errors import InputError
 
 TOP = 5
 BATCH = 32

@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import ConvNet
-from pipeline.scoring.combine import top_k_errors
 from pipeline.config import VAL_CROP_RATIO, Params
-from pipeline.errors import InputError
 from pipeline.data.node_copy import local_copy
+from pipeline.errors import InputError
 from pipeline.runs.identity import RunSpec
+from pipeline.scoring.combine import top_k_errors
 from pipeline.storage.location import Location
 
 TEN_CROP_RATIO = 256 / 224

@@ -39,7 +39,7 @@ class Location:
 
     @classmethod
     def parse(cls, text: str, environ: Mapping[str, str] = os.environ) -> Location:
-        """An absolute local path or a URI. Relative paths are the caller's business (see locations.py)."""
+        """An absolute local path or a URI. Relative paths are the caller's business (see paths.py)."""
         if not is_uri(text):
             if not os.path.isabs(text):
                 raise ValueError(f"{text!r} is neither an absolute path nor a URI")

@@ -16,8 +16,8 @@ from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 from ray.train.v2.api.exceptions import ControllerError
 
 from pipeline.config import RayParams
-from pipeline.runs.cluster import START_TIMEOUT_VARIABLE, capacity_wait
 from pipeline.errors import ExplainedFailure
+from pipeline.runs.cluster import START_TIMEOUT_VARIABLE, capacity_wait
 from pipeline.runs.store import RunResult, RunStore
 from pipeline.training.job import TrainJob
 from pipeline.training.worker import CHECKPOINT_FILE, train_worker

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+import models
 from pipeline.config import Recipe
 
 
@@ -12,6 +16,22 @@ def make_optimizer(network: nn.Module, recipe: Recipe) -> torch.optim.SGD:
     # fused: one kernel for all parameters, and with fp16's GradScaler the skip-on-overflow check stays
     # on the device instead of reading found_inf every step.
     return torch.optim.SGD(parameter_groups(network, recipe), lr=recipe.lr, momentum=recipe.momentum, fused=True)
+
+
+def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, criterion: nn.Module,
+             images: torch.Tensor, labels: torch.Tensor,
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training step; (the loss, the logits). The benchmarks time this same step. A disabled scaler
+    (CPUs, bf16) passes the loss and the step through unchanged."""
+    with autocast():
+        # GoogLeNet adds its auxiliary classifiers' losses in training.
+        loss, logits = models.training_loss(model(images), labels, criterion)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, logits
 
 
 def parameter_groups(network: nn.Module, recipe: Recipe) -> list[dict]:

@@ -23,13 +23,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import models
 from pipeline.data.node_copy import local_copy
 from pipeline.errors import DataError
 from pipeline.scoring.combine import top_k_hits
 from pipeline.training.device import Device, training_flops_per_image
 from pipeline.training.job import TrainJob
-from pipeline.training.optim import make_optimizer, make_scheduler, step_schedule
+from pipeline.training.optim import (
+    make_optimizer,
+    make_scheduler,
+    sgd_step,
+    step_schedule,
+)
 from pipeline.training.progress import RankZeroLog, Silent, quiet_ray_console
 
 CHECKPOINT_FILE = "state.pt"
@@ -172,13 +176,8 @@ def train_one_epoch(state: TrainState, loader, device: Device, log: RankZeroLog)
     wait_start = time.perf_counter()
     for step, (images, labels) in enumerate(loader, 1):
         data_wait += time.perf_counter() - wait_start
-        with device.autocast():
-            # GoogLeNet adds its auxiliary classifiers' losses in training.
-            loss, logits = models.training_loss(state.model(images), labels, state.criterion)
-        state.optimizer.zero_grad(set_to_none=True)
-        state.scaler.scale(loss).backward()
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
+        loss, logits = sgd_step(state.model, state.optimizer, state.scaler, state.criterion, images, labels,
+                                device.autocast)
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)

@@ -39,6 +39,15 @@ def stage_parser(description: str, *, model: bool = False, data: bool = False) -
     return parser
 
 
+def trained_model_params(args: argparse.Namespace):
+    """params.yaml for the stage of one trained model (--model), which must be one of train.models."""
+    from pipeline.config import load_params
+
+    params = load_params(args.params)
+    params.check_trained_model(args.model)
+    return params
+
+
 def run_stage(stage: Callable[[], object]) -> int:
     """Runs a stage; bad input becomes one line on stderr and exit status 2 instead of a traceback, an
     explained failure one line and status 1, and an interruption (Ctrl-C, or SIGTERM, which

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from stages import run_stage, stage_parser
+from stages import run_stage, stage_parser, trained_model_params
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.config import load_params
     from pipeline.drivers.train import train_model
     from pipeline.storage.paths import command_line_location
 
@@ -16,13 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder or URI for model.pt, metrics.json, history.csv")
     args = parser.parse_args(argv)
 
-    def stage() -> None:
-        params = load_params(args.params)
-        params.check_trained_model(args.model)
-        train_model(params, args.model, command_line_location(args.data, "--data"),
-                    command_line_location(args.out, "--out"))
-
-    return run_stage(stage)
+    return run_stage(lambda: train_model(
+        trained_model_params(args), args.model, command_line_location(args.data, "--data"),
+        command_line_location(args.out, "--out")))
 
 
 if __name__ == "__main__":

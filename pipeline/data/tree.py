@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from PIL import Image
 from pipeline.config import DataParams
 from pipeline.data.dataset import SPLITS
 from pipeline.errors import DataError
+from pipeline.storage import atomic
 
 # torchvision's ImageFolder list; compared lower-case so ImageNet's ".JPEG" matches.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"})
@@ -133,10 +133,7 @@ def _publish(out: Path, build: Callable[[Path], PreparedDataset]) -> PreparedDat
     """Build the prepared folder beside `out` and rename it into place, so that an interrupted run
     leaves nothing at `out` (a rerun clears the partial folder it left)."""
     out = out.resolve()  # so that a root inside the new folder is recognised whatever the caller's path
-    partial, previous = out.with_name(f".{out.name}.partial"), out.with_name(f".{out.name}.previous")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    with atomic.replacing_folder(out) as partial:
         dataset = build(partial)
         root = dataset.root.relative_to(partial) if dataset.root.is_relative_to(partial) else dataset.root
         (partial / "classes.json").write_text(
@@ -147,16 +144,6 @@ def _publish(out: Path, build: Callable[[Path], PreparedDataset]) -> PreparedDat
                 writer = csv.writer(manifest, lineterminator="\n")
                 writer.writerow(["path", "label"])
                 writer.writerows((sample.path, sample.label) for sample in samples)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        out.rename(previous)
-        partial.rename(out)
-        shutil.rmtree(previous)
-    else:
-        partial.rename(out)
     return read_prepared(out)
 
 

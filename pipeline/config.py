@@ -149,6 +149,47 @@ class EnsembleParams(Section):
     max_concurrent: int | None = Field(ge=1)
 
 
+Distribution = Literal["grid", "choice", "uniform", "loguniform"]
+
+
+class SweepParams(Section):
+    """A search over the recipe for one model with Ray Tune and ASHA (the sweep stage, sweeps/dvc.yaml)."""
+
+    model: str
+    # train key -> {distribution: values}: grid and choice list the values, uniform and loguniform
+    # give [low, high]; checked against the train section's rules in Params.
+    space: dict[str, dict[Distribution, list]] = Field(min_length=1)
+    trials: int = Field(ge=1)
+    epochs: int = Field(gt=0)
+    grace_period: int = Field(ge=1)
+    reduction_factor: float = Field(gt=1)
+    metric: Literal["val_top1_error", "val_top5_error"]
+    seed: int = Field(ge=0)
+    num_workers: int | None = Field(ge=1)
+    max_concurrent: int | None = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _one_distribution_per_key(self) -> SweepParams:
+        for key, distribution in self.space.items():
+            if len(distribution) != 1:
+                raise ValueError(f"sweep.space.{key}: give exactly one of grid, choice, uniform, loguniform")
+            [(kind, values)] = distribution.items()
+            if not values:
+                raise ValueError(f"sweep.space.{key}.{kind}: no values")
+            if kind in ("uniform", "loguniform") and not (len(values) == 2 and values[0] < values[1]):
+                raise ValueError(f"sweep.space.{key}.{kind}: expected [low, high] with low < high, got {values}")
+            if kind == "loguniform" and values[0] <= 0:
+                raise ValueError(f"sweep.space.{key}.loguniform: the low end must be above 0, got {values[0]}")
+        if self.grace_period > self.epochs:
+            raise ValueError(f"sweep.grace_period={self.grace_period} exceeds sweep.epochs={self.epochs}")
+        return self
+
+    def values(self, key: str) -> list:
+        """The values a key's distribution lists (its ends, for uniform and loguniform)."""
+        [values] = self.space[key].values()
+        return values
+
+
 class RayParams(Section):
     num_workers: int = Field(ge=1)
     use_gpu: bool
@@ -176,6 +217,7 @@ class Params(Section):
     train: TrainParams
     evaluate: EvaluateParams
     ensemble: EnsembleParams
+    sweep: SweepParams
     ray: RayParams
     mlflow: MlflowParams
 
@@ -184,6 +226,11 @@ class Params(Section):
         """Ray workers per ensemble member: ensemble.num_workers, or ray.num_workers when that is null."""
         return self.ensemble.num_workers or self.ray.num_workers
 
+    @property
+    def sweep_workers(self) -> int:
+        """Ray workers per sweep trial: sweep.num_workers, or ray.num_workers when that is null."""
+        return self.sweep.num_workers or self.ray.num_workers
+
     def check_trained_model(self, name: str) -> None:
         """The stages of one trained model (train@, evaluate@) take only the models train.models lists."""
         if name not in self.train.models:
@@ -191,7 +238,8 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> Params:
-        workers_by_key = {"ray.num_workers": self.ray.num_workers, "ensemble.num_workers": self.ensemble_workers}
+        workers_by_key = {"ray.num_workers": self.ray.num_workers, "ensemble.num_workers": self.ensemble_workers,
+                          "sweep.num_workers": self.sweep_workers}
         for key, workers in workers_by_key.items():
             if self.train.batch_size % workers:
                 raise ValueError(
@@ -207,10 +255,30 @@ class Params(Section):
             raise ValueError(f"ensemble.protocol={self.ensemble.protocol!r} is not in evaluate.protocols "
                              f"{self.evaluate.protocols}: the included models' scores come from the evaluate stage")
         self._check_val_crops_are_not_upsampled()
+        _check_model(self.sweep.model, self.train.resolution, "sweep.model")
+        self._check_sweep_values()
         if self.ensemble.members + len(self.ensemble.include) < 2:
             raise ValueError("ensemble.members + len(ensemble.include) must be at least 2: an ensemble combines models")
         return self
 
+    def _check_sweep_values(self) -> None:
+        """Every value the sweep can give a train key is one the train section accepts for it."""
+        recipe = self.train.recipe().model_dump()
+        for key in self.sweep.space:
+            if key not in Recipe.model_fields:
+                raise ValueError(f"sweep.space.{key}: not a key of the train recipe")
+            [kind] = self.sweep.space[key]
+            if kind in ("uniform", "loguniform") and Recipe.model_fields[key].annotation is not float:
+                raise ValueError(f"sweep.space.{key}.{kind}: draws real numbers, and train.{key} is not one; "
+                                 "list its values with grid or choice")
+            for value in self.sweep.values(key):
+                try:
+                    Recipe.model_validate(recipe | {key: value})
+                except ValidationError as error:
+                    raise ValueError(f"sweep.space.{key}: {value!r} is refused: " + _describe(error)) from None
+                if key == "batch_size" and value % self.sweep_workers:
+                    raise ValueError(f"sweep.space.batch_size: {value} is not divisible by the "
+                                     f"{self.sweep_workers} workers of a trial (sweep.num_workers)")
 
     def _check_val_crops_are_not_upsampled(self) -> None:
         """Where the stored short side is known (digits' square images, or preprocess.short_side), it must
@@ -262,7 +330,7 @@ def load_params(path: str | Path = PROJECT_ROOT / "params.yaml") -> Params:
 def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"])
+        key = ".".join(str(part) for part in item["loc"] if part != "[key]")  # pydantic's marker for a dict's keys
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"

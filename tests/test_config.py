@@ -47,6 +47,15 @@ def test_shipped_params_are_valid():
         ("ray", "num_workers", 0, "ray.num_workers: Input should be greater than or equal to 1"),
         ("ray", "use_gpu", "yes", "ray.use_gpu: Input should be a valid boolean"),
         ("mlflow", "experiment", "", "mlflow.experiment: String should have at least 1 character"),
+        ("sweep", "space", {"learning_rate": {"choice": [0.1]}}, "sweep.space.learning_rate: not a key of the train"),
+        ("sweep", "space", {"lr": {"grid": [0.01, -1]}}, "sweep.space.lr: -1 is refused: lr: Input should be greater"),
+        ("sweep", "space", {"lr": {"loguniform": [0, 0.1]}}, "sweep.space.lr.loguniform: the low end must be above 0"),
+        ("sweep", "space", {"lr": {"uniform": [0.1]}}, "sweep.space.lr.uniform: expected [low, high] with low < high"),
+        ("sweep", "space", {"batch_size": {"uniform": [16, 64]}}, "train.batch_size is not one; list its values"),
+        ("sweep", "num_workers", 3, "is not divisible by sweep.num_workers=3"),
+        ("sweep", "space", {"lr": {"choice": [0.1], "grid": [0.2]}}, "sweep.space.lr: give exactly one of grid"),
+        ("sweep", "space", {"lr": {"median": [0.1]}}, "sweep.space.lr.median: got 'median'; allowed: 'grid', 'choice'"),
+        ("sweep", "grace_period", 5, "sweep.grace_period=5 exceeds sweep.epochs=4"),
     ],
 )
 def test_bad_value_names_the_key(tmp_path, params_dict, section, key, value, expected):

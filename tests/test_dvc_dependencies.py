@@ -25,7 +25,9 @@ from pipeline.config import (
 from pipeline.runs.identity import RunSpec
 from tests.conftest import FAST_MODEL
 
-DVC_YAML = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
+# The main pipeline's stages and the sweep's (sweeps/dvc.yaml, run apart).
+DVC_YAML = {name: stage for path in ("dvc.yaml", "sweeps/dvc.yaml")
+            for name, stage in yaml.safe_load((PROJECT_ROOT / path).read_text())["stages"].items()}
 PROJECT_PACKAGES = ("pipeline", "models", "stages")
 # Runs the stage's main with its dvc.yaml arguments but a params file that does not exist, so it imports
 # what it imports before its work (some stages import inside main) and stops at reading the params; then
@@ -121,6 +123,12 @@ def test_training_stages_depend_on_exactly_what_names_a_run():
     ensemble_keys = {f"ensemble.{key}" for key in EnsembleParams.model_fields} - {"ensemble.max_concurrent"}
     # Members are scored with ensemble.protocol, whose multi_scale reads evaluate.scales.
     assert set(DVC_YAML["ensemble"]["params"]) == recipe | ensemble_keys | device_and_workers | {"evaluate.scales"}
+
+
+def test_the_sweep_depends_on_its_section_and_what_names_its_trials():
+    # The sweep's section whole: max_concurrent too, since which trials ASHA stops depends on their order.
+    recipe = {f"train.{key}" for key in keys_any_run_uses()}
+    assert set(stage_definition("sweep")["params"]) == recipe | {"sweep", "train.seed", "ray.num_workers", "ray.use_gpu"}
 
 
 def test_evaluation_depends_on_what_changes_its_scores():

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import time
 
 import matplotlib
@@ -26,7 +25,6 @@ matplotlib.use("Agg")  # the stage runs headless: DVC, CI, Ray jobs
 import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
-import ray
 from ray import tune
 
 from pipeline import tracking
@@ -41,9 +39,7 @@ from pipeline.scoring.protocols import Scores, score_on_cluster, scores_file
 from pipeline.storage.location import Location
 from pipeline.training.fit import fit
 from pipeline.training.job import TrainJob
-
-TRIAL_MEMORY_BYTES = 64 * 2**20
-
+from pipeline.training.trials import TRIAL_RESOURCES, max_concurrent_runs, trials_run_config
 
 class EnsembleError(InputError):
     """A member is missing, failed or unreadable: the ensemble refuses to average fewer."""
@@ -96,14 +92,6 @@ def score_member(member: Member, result: RunResult, runs: RunStore, params: Para
     scores[params.ensemble.protocol].save(scores_file(runs.record(member.name).folder, params.ensemble.protocol))
 
 
-def max_concurrent_members(params: Params) -> int:
-    """As many members at once as the cluster has CPUs (or GPUs) for their workers."""
-    resource, per_worker = ("GPU", 1.0) if params.ray.use_gpu else ("CPU", params.ray.cpus_per_worker)
-    available = ray.cluster_resources().get(resource, 0)
-    fits = max(1, math.floor(available / (per_worker * params.ensemble_workers)))
-    return min(fits, params.ensemble.max_concurrent or fits)
-
-
 def train_members(members: list[Member], runs: RunStore, params: Params, val: BetonFile) -> None:
     pending = [member for member in members if runs.record(member.name).status() != "finished"]
     for member in members:
@@ -111,19 +99,14 @@ def train_members(members: list[Member], runs: RunStore, params: Params, val: Be
             print(f"Reusing {member.describe()}: already trained")
     if not pending:
         return
-    concurrent = max_concurrent_members(params)
+    concurrent = max_concurrent_runs(params.ray, params.ensemble_workers, params.ensemble.max_concurrent)
     print(f"Training {len(pending)} members, {concurrent} at a time")
-    # The trial only drives a TorchTrainer, whose workers hold the CPUs/GPUs in a placement group of their
-    # own. A trial asking for any CPU would leave a 2-CPU machine short of a 2-worker member for good;
-    # Tune refuses an empty request, so the trial asks for a little (logical) memory instead.
-    trial_resources = {"cpu": 0, "memory": TRIAL_MEMORY_BYTES}
     trainable = tune.with_parameters(fit_member, members=members, runs=runs, params=params, val=val)
     tuner = tune.Tuner(
-        tune.with_resources(trainable, trial_resources),
+        tune.with_resources(trainable, TRIAL_RESOURCES),
         param_space={"index": tune.grid_search([member.index for member in pending])},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name=f"ensemble-tune-{members[0].name}", storage_path=runs.root.path,
-                                  storage_filesystem=runs.root.filesystem, verbose=1),
+        run_config=trials_run_config(f"ensemble-tune-{members[0].name}", runs),
     )
     tuner.fit()  # failures surface below, as the member that has no result
 

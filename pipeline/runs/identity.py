@@ -30,6 +30,13 @@ COMMON_RECIPE_KEYS = ("batch_size", "lr", "momentum", "weight_decay", "schedule"
 SCHEDULE_KEYS = {"plateau": ("plateau_patience",), "step": ("step_size", "step_gamma"), "cosine": ()}
 GPU_ONLY_KEYS = ("amp", "channels_last", "amp_dtype")
 
+
+def weight_keys(model: str, schedule: str, use_gpu: bool) -> tuple[str, ...]:
+    """The recipe keys that shape a run of `model` under `schedule` on the device."""
+    keys = COMMON_RECIPE_KEYS + SCHEDULE_KEYS[schedule] + models.recipe_keys(model)
+    return keys + (GPU_ONLY_KEYS if use_gpu else ())
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
     """Everything that shapes one training run's weights."""
@@ -44,8 +51,7 @@ class RunSpec:
     data_sha256: Mapping[str, str]  # split -> SHA-256 of its .beton
 
     def recipe_keys(self) -> tuple[str, ...]:
-        keys = COMMON_RECIPE_KEYS + SCHEDULE_KEYS[self.recipe.schedule] + models.recipe_keys(self.model)
-        return keys + (GPU_ONLY_KEYS if self.use_gpu else ())
+        return weight_keys(self.model, self.recipe.schedule, self.use_gpu)
 
     def identity(self) -> dict:
         return {

@@ -1,6 +1,6 @@
 """The run store: the folder (or URI) ray.storage_path, one folder per training run, by its name
 (pipeline/runs/identity.py):
-  <name>/checkpoint_*/, checkpoint_manager_snapshot.json   Ray Train's, while the run trains
+  <name>/checkpoint_*/state.pt, checkpoint_manager_snapshot.json   Ray Train's, while the run trains
   <name>/result.pt     {"model": state dict, "history": [one dict per epoch]} once training finished
   <name>/result.json   {"name", "identity", "finished_at", "used_at", "summary"}: the done marker,
                        written after result.pt, so its presence means the result is whole
@@ -25,6 +25,7 @@ import torch
 
 from pipeline.storage.location import Location
 
+CHECKPOINT_FILE = "state.pt"  # in each checkpoint: the epoch, weights, optimizer state and history so far
 RESULT_WEIGHTS = "result.pt"
 RESULT_MARKER = "result.json"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -70,6 +71,15 @@ class RunRecord:
         data = (self.folder / RESULT_WEIGHTS).read_bytes()
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         return RunResult(state["model"], state["history"])
+
+    def checkpoint_history(self) -> list[dict]:
+        """The epochs an unfinished run has done: the history in its last checkpoint ([] without one)."""
+        saved = sorted((c for c in self.folder.children() if c.name.startswith("checkpoint_")), key=lambda c: c.name)
+        for checkpoint in reversed(saved):
+            if (checkpoint / CHECKPOINT_FILE).exists():  # a checkpoint cut short while written has none
+                data = (checkpoint / CHECKPOINT_FILE).read_bytes()
+                return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)["history"]
+        return []
 
     def mark_used(self) -> None:
         """For retention: a reused run counts as recently used."""

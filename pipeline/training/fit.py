@@ -7,10 +7,12 @@ hands the last checkpoint to the workers (pipeline/training/worker.py loads it).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import ray.train
 import torch
+from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 from ray.train.v2.api.exceptions import ControllerError
@@ -18,16 +20,17 @@ from ray.train.v2.api.exceptions import ControllerError
 from pipeline.config import RayParams
 from pipeline.errors import ExplainedFailure
 from pipeline.runs.cluster import START_TIMEOUT_VARIABLE, capacity_wait
-from pipeline.runs.store import RunResult, RunStore
+from pipeline.runs.store import CHECKPOINT_FILE, RunResult, RunStore
 from pipeline.training.job import TrainJob
-from pipeline.training.worker import CHECKPOINT_FILE, train_worker
+from pipeline.training.worker import train_worker
 
 
 class CapacityTimeout(ExplainedFailure):
     """The cluster had no room for the run's workers within ray.capacity_timeout_s."""
 
 
-def fit(job: TrainJob, runs: RunStore, params: RayParams) -> RunResult:
+def fit(job: TrainJob, runs: RunStore, params: RayParams, callbacks: Sequence[UserCallback] = ()) -> RunResult:
+    """Trains (or resumes) the run; `callbacks` see each epoch's report (a sweep passes Tune's)."""
     start_timeout, start_failures = capacity_wait(params)
     # Ray Train hands this variable from the driver to its controller.
     os.environ[START_TIMEOUT_VARIABLE] = str(start_timeout)
@@ -46,6 +49,7 @@ def fit(job: TrainJob, runs: RunStore, params: RayParams) -> RunResult:
             failure_config=ray.train.FailureConfig(max_failures=params.max_failures,
                                                    controller_failure_limit=start_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=params.checkpoints_to_keep),
+            callbacks=list(callbacks),
         ),
     )
     try:

@@ -25,6 +25,7 @@ from torch import nn
 
 from pipeline.data.node_copy import local_copy
 from pipeline.errors import DataError
+from pipeline.runs.store import CHECKPOINT_FILE
 from pipeline.scoring.combine import top_k_hits
 from pipeline.training.device import Device, training_flops_per_image
 from pipeline.training.job import TrainJob
@@ -35,9 +36,6 @@ from pipeline.training.optim import (
     step_schedule,
 )
 from pipeline.training.progress import RankZeroLog, Silent, quiet_ray_console
-
-CHECKPOINT_FILE = "state.pt"
-
 
 def train_worker(loop_config: dict) -> None:
     job: TrainJob = loop_config["job"]

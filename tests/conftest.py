@@ -68,6 +68,7 @@ def training_overrides(folder: Path, ray: dict | None = None, model: str = FAST_
     return {
         "train": {"models": [model], "epochs": 3, "batch_size": 32, "resolution": resolution, **train},
         "ensemble": {"model": model, "include": []},
+        "sweep": {"model": model},
         "ray": {"storage_path": str(folder / "ray_results"), **(ray or {})},
         "mlflow": {"tracking_uri": f"sqlite:///{folder / 'mlflow.db'}", "experiment": "tests"},
     }
@@ -136,17 +137,22 @@ def digits_betons(tmp_path_factory, digits_tree) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, ray_cluster, digits_tree):
+def digits_full_betons(digits_tree) -> Path:
+    """train.beton / val.beton of all the digits (1,437 + 360 images), as the default pipeline makes them."""
+    return preprocess(digits_tree, digits_tree / "params.yaml")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, ray_cluster, digits_full_betons):
     """One real training run (alexnet2012, 3 epochs, 2 Ray workers) shared by the tests that inspect it.
     It trains on all the digits: on the 300-image subset, 27 steps are too few for a dependable
     better-than-chance result."""
     from pipeline.drivers.train import train_model
     from pipeline.storage.location import Location
 
-    betons = preprocess(digits_tree, digits_tree / "params.yaml")
     folder = tmp_path_factory.mktemp("trained")
     _, params = write_params(folder, training_overrides(folder, model="alexnet2012"))
-    metrics = train_model(params, "alexnet2012", Location.local(betons), Location.local(folder / "out"))
+    metrics = train_model(params, "alexnet2012", Location.local(digits_full_betons), Location.local(folder / "out"))
     return {"params": params, "folder": folder, "metrics": metrics, "out": folder / "out"}
 
 

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,9 @@ REDUCED = {
     "train": {"models": [FAST_MODEL], "epochs": 1, "batch_size": 64, "resolution": FAST_RESOLUTION},
     "ensemble": {"model": FAST_MODEL, "members": 1, "epochs": 1, "max_concurrent": None, "include": [FAST_MODEL]},
     "evaluate": {"protocols": ["center"]},
+    # Two trials of the train stage's own run with another learning rate each (the workers and epochs too).
+    "sweep": {"model": FAST_MODEL, "space": {"lr": {"grid": [0.02, 0.05]}}, "trials": 1, "epochs": 1, "grace_period": 1,
+              "num_workers": None},
 }
 TRACKING_AND_FAULT_TOLERANCE = {"mlflow": {"experiment": "renamed"},
                                 "ray": {"max_failures": 5, "checkpoints_to_keep": 3, "storage_path": "elsewhere"}}
@@ -46,7 +50,8 @@ def dvc(repo: Path, *arguments: str, timeout: float = 1200) -> str:
 
 
 def changed_stages(repo: Path) -> set[str]:
-    return set(json.loads(dvc(repo, "status", "--json")))
+    """The main pipeline's stages that a `dvc repro` would run (the sweep, run apart, is left out)."""
+    return set(json.loads(dvc(repo, "status", "--json", "dvc.yaml")))
 
 
 def tracked_runs(repo: Path) -> list:
@@ -102,6 +107,16 @@ def test_dvc_repro_then_params_changes_rerun_only_what_they_shape(tmp_path):
     ensembles = [run for run in tracked_runs(repo)
                  if run.data.tags.get("dvc_stage") == "ensemble" and "mlflow.parentRunId" not in run.data.tags]
     assert sorted(run.data.params["ensemble.members"] for run in ensembles) == ["1", "2"]
+
+    # The sweep, run apart; its best recipe, applied with the command it prints, trains no run again: the
+    # train stage's run with that learning rate is the sweep's trial.
+    output = dvc(repo, "repro", "sweeps/dvc.yaml")
+    assert ran(output) == {"sweeps/dvc.yaml:sweep"}
+    assert json.loads((repo / "outputs/sweep/metrics.json").read_text())["completed"] == 2
+    [command] = [line.strip() for line in output.splitlines() if line.strip().startswith("dvc exp run -S 'train.lr=")]
+    output = dvc(repo, *shlex.split(command)[1:], "--temp")
+    assert ran(output) == {f"train@{FAST_MODEL}", f"evaluate@{FAST_MODEL}", "ensemble"}
+    assert f"Reusing {FAST_MODEL}-" in output
 
     # A new model trains only itself (GoogLeNet, with its auxiliary heads' losses), is evaluated and
     # joins the ensemble, whose two members the project's run store already holds.

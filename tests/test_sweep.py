@@ -2,9 +2,11 @@
 behind, a killed sweep resumes its trials from their checkpoints, a rerun trains nothing new, and a
 space that cannot be searched is refused before any work.
 
-One sweep of LeNet-5's learning rate serves every test: four trials one at a time (so the order in which
-they reach ASHA's rungs, and so what it stops, is the same in every run), the best learning rates first,
-so that the later ones fall behind at the first rung and are stopped there.
+One sweep of LeNet-5's learning rate on all the digits serves every test: four trials one at a time (so
+the order in which they reach ASHA's rungs, and so what it stops, is the same in every run), the best
+learning rates first, so that the later ones fall behind at the first rung and are stopped there. Four
+epochs, so that a stopped trial is stopped well before its last: Tune ends a trial's training a second
+or two after ASHA decides, an epoch or so here.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from tests.conftest import (
 pytestmark = pytest.mark.slow  # every test here shares a sweep of 4 trainings
 
 LEARNING_RATES = [0.05, 0.02, 0.0002, 0.0001]
-EPOCHS = 2
+EPOCHS = 4
 
 
 def start_sweep(folder, log_name: str):
@@ -47,11 +49,11 @@ def run_store_files(folder) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, digits_betons):
+def swept(tmp_path_factory, digits_full_betons):
     """The sweep killed once its first checkpoint is registered, run again to the end, and its state."""
     folder = tmp_path_factory.mktemp("sweep")
-    (folder / "data").symlink_to(digits_betons)
-    overrides = training_overrides(folder, epochs=EPOCHS)
+    (folder / "data").symlink_to(digits_full_betons)
+    overrides = training_overrides(folder, epochs=EPOCHS, batch_size=64)
     overrides["sweep"] = {"model": FAST_MODEL, "space": {"lr": {"grid": LEARNING_RATES}}, "trials": 1,
                           "epochs": EPOCHS, "grace_period": 1, "reduction_factor": 2, "num_workers": 1,
                           "max_concurrent": 1}
@@ -104,7 +106,7 @@ def test_mlflow_holds_the_sweep_and_one_nested_run_per_trial(swept):
     for run in trials:
         epochs = steps(client, run.info.run_id, "val_top1_error")
         stopped = run.data.tags["trial_status"] == "stopped early"
-        assert epochs == list(range(1 if stopped else EPOCHS)), run.data.tags
+        assert len(epochs) < EPOCHS if stopped else epochs == list(range(EPOCHS)), run.data.tags
 
 
 def test_the_killed_sweep_resumed_its_trial_from_the_checkpoint(swept):

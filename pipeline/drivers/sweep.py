@@ -28,7 +28,7 @@ from pipeline.config import Params, ParamsError, RayParams, Recipe
 from pipeline.errors import ExplainedFailure
 from pipeline.runs.context import StageContext
 from pipeline.runs.identity import weight_keys
-from pipeline.runs.store import RunStore
+from pipeline.runs.store import RunRecord, RunResult, RunStore
 from pipeline.storage.location import Location
 from pipeline.training.fit import fit
 from pipeline.training.job import TrainJob
@@ -73,7 +73,7 @@ def run_trial(config: dict, base: TrainJob, runs: RunStore, ray_params: RayParam
     the epochs an earlier sweep trained are reported first, without training them again."""
     job = trial_job(base, config)
     record = runs.record(job.spec.name)
-    if record.status() == "finished":
+    if finish_from_checkpoint(record, job):
         for row in record.load_result().history:
             tune.report(row)
         return
@@ -84,20 +84,34 @@ def run_trial(config: dict, base: TrainJob, runs: RunStore, ray_params: RayParam
     record.drop_checkpoints()
 
 
+def finish_from_checkpoint(record: RunRecord, job: TrainJob) -> bool:
+    """Whether the run is finished, finishing it first if its last checkpoint holds every epoch: ASHA
+    stops a trial when it reports its last epoch, before the trial itself can save the result."""
+    if record.status() != "finished":
+        state = record.checkpoint_state()
+        if not state or len(state["history"]) < job.spec.epochs:
+            return False
+        record.save_result(RunResult(state["model"], state["history"]), job.spec.identity(), {"finished_at": time.time()})
+        record.drop_checkpoints()
+    return True
+
+
 def search(params: Params, base: TrainJob, runs: RunStore, name: str) -> list[tuple[dict, bool]]:
     """Runs the trials; (config, whether it failed) per trial, in the order Tune sampled them."""
     sweep = params.sweep
     space = {key: DISTRIBUTIONS[kind](values) for key, distribution in sweep.space.items()
              for kind, values in distribution.items()}
     concurrent = max_concurrent_runs(params.ray, params.sweep_workers, sweep.max_concurrent)
-    print(f"Sweep {name}: {sweep.trials} samples of {', '.join(sweep.space)}, {concurrent} trials at a time")
+    print(f"Sweep {name}: {sweep.trials} sample(s) of the space over {', '.join(sweep.space)}, "
+          f"{concurrent} trial(s) at a time")
     trainable = tune.with_parameters(run_trial, base=base, runs=runs, ray_params=params.ray)
     tuner = tune.Tuner(
         tune.with_resources(trainable, TRIAL_RESOURCES),
         param_space=space,
         tune_config=tune.TuneConfig(
-            metric=sweep.metric, mode="min", num_samples=sweep.trials, max_concurrent_trials=concurrent,
-            search_alg=BasicVariantGenerator(random_state=sweep.seed),
+            metric=sweep.metric, mode="min", num_samples=sweep.trials,
+            # Tune ignores max_concurrent_trials beside a search algorithm instance: the limit goes to it.
+            search_alg=BasicVariantGenerator(max_concurrent=concurrent, random_state=sweep.seed),
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=sweep.epochs,
                                     grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)),
         run_config=trials_run_config(name, runs),
@@ -108,7 +122,7 @@ def search(params: Params, base: TrainJob, runs: RunStore, name: str) -> list[tu
 def collect(index: int, base: TrainJob, config: dict, failed: bool, runs: RunStore) -> Trial:
     job = trial_job(base, config)
     record = runs.record(job.spec.name)
-    if record.status() == "finished":
+    if finish_from_checkpoint(record, job):
         return Trial(index, config, job, record.load_result().history, "completed")
     return Trial(index, config, job, record.checkpoint_history(), "failed" if failed else "stopped early")
 

@@ -72,14 +72,19 @@ class RunRecord:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         return RunResult(state["model"], state["history"])
 
-    def checkpoint_history(self) -> list[dict]:
-        """The epochs an unfinished run has done: the history in its last checkpoint ([] without one)."""
+    def checkpoint_state(self) -> dict | None:
+        """An unfinished run's last checkpoint ({"epoch", "model", "optimizer", ..., "history"}), if any."""
         saved = sorted((c for c in self.folder.children() if c.name.startswith("checkpoint_")), key=lambda c: c.name)
         for checkpoint in reversed(saved):
             if (checkpoint / CHECKPOINT_FILE).exists():  # a checkpoint cut short while written has none
                 data = (checkpoint / CHECKPOINT_FILE).read_bytes()
-                return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)["history"]
-        return []
+                return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return None
+
+    def checkpoint_history(self) -> list[dict]:
+        """The epochs an unfinished run has done, from its last checkpoint ([] without one)."""
+        state = self.checkpoint_state()
+        return state["history"] if state else []
 
     def mark_used(self) -> None:
         """For retention: a reused run counts as recently used."""

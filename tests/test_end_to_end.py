@@ -71,7 +71,7 @@ def test_dvc_repro_then_params_changes_rerun_only_what_they_shape(tmp_path):
     metrics = json.loads(dvc(repo, "metrics", "show", "--json"))
     by_file = next(iter(metrics.values()))["data"]
     assert by_file["reports/preprocess.json"]["data"]["train"]["images"] == 1437
-    assert by_file[f"outputs/train/{FAST_MODEL}/metrics.json"]["data"]["val_top1_error"] < 0.9  # chance: 0.9
+    assert by_file[f"outputs/train/{FAST_MODEL}/metrics.json"]["data"][FAST_MODEL]["val_top1_error"] < 0.9  # chance: 0.9
     assert by_file["outputs/ensemble/metrics.json"]["data"]["members"] == 1
     assert "Data and pipelines are up to date." in dvc(repo, "repro")
     dvc(repo, "plots", "show", "-o", "plots")
@@ -110,6 +110,6 @@ def test_dvc_repro_then_params_changes_rerun_only_what_they_shape(tmp_path):
                          "ensemble": {"members": 2, "include": [FAST_MODEL, *new_models]}})
     output = dvc(repo, "repro")
     assert ran(output) == {f"{stage}@{model}" for stage in ("train", "evaluate") for model in new_models} | {"ensemble"}
-    assert json.loads((repo / "outputs/ensemble/metrics.json").read_text())["included"] == [FAST_MODEL, *new_models]
+    assert json.loads((repo / "outputs/ensemble/report.json").read_text())["included"] == [FAST_MODEL, *new_models]
     assert "Reusing member 0" in output and "Reusing member 1" in output
     assert not re.search(r"Training \d+ members", output)

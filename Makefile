@@ -12,7 +12,7 @@ setup:
 # screen (every figure: dvc metrics show --json).
 run: setup
 	dvc repro
-	python -m pipeline.summary
+	python -m pipeline.reports.summary
 
 test: setup
 	python -m pytest

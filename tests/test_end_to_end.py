@@ -63,7 +63,7 @@ def check_what_a_user_reads(repo: Path, output: str) -> None:
     assert "Trial status" not in output, "Tune's status tables"
     assert re.search(r"^ensemble: member 0 \(seed \d+, run \S+\) trained; 1/1 trained", output, re.MULTILINE), output
 
-    screen = subprocess.run([sys.executable, "-m", "pipeline.summary"], cwd=repo, capture_output=True, text=True,
+    screen = subprocess.run([sys.executable, "-m", "pipeline.reports.summary"], cwd=repo, capture_output=True, text=True,
                             check=True).stdout
     assert max(len(line) for line in screen.splitlines()) <= 160, screen
     trained = json.loads((repo / f"outputs/train/{FAST_MODEL}/metrics.json").read_text())[FAST_MODEL]

@@ -1,6 +1,6 @@
 """The results of the last `dvc repro` on one screen: what `make run` ends with.
 
-    python -m pipeline.summary [--params params.yaml] [--root .]
+    python -m pipeline.reports.summary [--params params.yaml] [--root .]
 
 One row per model of train.models (its training speed and last validation error, then its error under
 each evaluate protocol, top-1 / top-5), the data, and the ensemble, in 160 columns (110 with the four

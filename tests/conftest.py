@@ -340,8 +340,9 @@ DRAWN_PIXELS = """ids => Object.fromEntries(ids.map(id => {
     }
     return [id, coloured];
 }))"""
-# Fewer coloured pixels than a short line: a legend's symbol alone, not data.
-DRAWN_AT_LEAST = 100
+# DVC's legend lists the revisions found in the data, so a plot without data has no coloured pixel at all;
+# one with a single point (a one-epoch history) has a few dozen.
+DRAWN_AT_LEAST = 1
 
 
 def plots_drawn_offline(page: Path) -> dict[str, int]:

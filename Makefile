@@ -8,10 +8,11 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 setup:
 	bash scripts/setup.sh
 
-# The whole pipeline on params.yaml (by default the embedded digits data set), then its metrics.
+# The whole pipeline on params.yaml (by default the embedded digits data set), then its results on one
+# screen (every figure: dvc metrics show --json).
 run: setup
 	dvc repro
-	dvc metrics show
+	python -m pipeline.reports.summary
 
 test: setup
 	python -m pytest

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evaluations", default="outputs/evaluate",
                         help="the evaluate stage's outputs: <model>/metrics.json and <model>/scores/")
     parser.add_argument("--out", required=True,
-                        help="folder or URI for metrics.json, error_curve.csv, members.json, papers.md")
+                        help="folder or URI for metrics.json, report.json, error_curve.csv, members.json, papers.md")
     args = parser.parse_args(argv)
     return run_stage(lambda: run_ensemble(
         load_params(args.params), command_line_location(args.data, "--data"),

@@ -1,9 +1,9 @@
 """preprocess stage: decode, check and encode every image of the prepared manifests into the FFCV
-files <out>/train.beton and <out>/val.beton, described by <out>/dataset.json, with a JSON report
-(a DVC metric); see pipeline/data/beton.py.
+files <out>/train.beton and <out>/val.beton, described by <out>/dataset.json, with a JSON report and
+(with --metrics) the figures DVC compares; see pipeline/data/beton.py.
 
     python -m stages.preprocess --params params.yaml --prepared data/prepared --out data/beton \\
-        --report reports/preprocess.json
+        --report reports/preprocess-detail.json --metrics reports/preprocess.json
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = stage_parser(__doc__)
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
     parser.add_argument("--out", type=Path, default=Path("data/beton"))
-    parser.add_argument("--report", type=Path, default=Path("reports/preprocess.json"))
+    parser.add_argument("--report", type=Path, default=Path("reports/preprocess-detail.json"))
+    parser.add_argument("--metrics", type=Path, help="where to write the figures DVC compares (none if not given)")
     args = parser.parse_args(argv)
-    return run_stage(lambda: run_preprocess(load_params(args.params), args.prepared, args.out, args.report))
+    return run_stage(lambda: run_preprocess(load_params(args.params), args.prepared, args.out, args.report,
+                                            args.metrics))
 
 
 if __name__ == "__main__":

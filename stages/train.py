@@ -12,7 +12,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.storage.paths import command_line_location
 
     parser = stage_parser(__doc__, model=True, data=True)
-    parser.add_argument("--out", required=True, help="folder or URI for model.pt, metrics.json, history.csv")
+    parser.add_argument("--out", required=True,
+                        help="folder or URI for model.pt, metrics.json, report.json, history.csv, steps.csv")
     args = parser.parse_args(argv)
 
     return run_stage(lambda: train_model(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -305,3 +306,86 @@ def flat_colour_beton(folder: Path, count: int, params_dict: dict) -> Path:
     params = PreprocessParams.model_validate(params_dict["preprocess"] | {"write_mode": "raw", "max_resolution": 64})
     write_beton(folder / "data.beton", paths, list(range(count)), params)
     return folder / "data.beton"
+
+
+# What a user reads: the console of a run, the results screen, the plots page.
+
+# Error-level lines: Ray's C++ logs ("[2026-12-02 10:00:00,000 E 123 456] core_worker.cc:..."), Python
+# logging's ("... ERROR ...", "ERROR:..."), and the stage's own tracebacks. Not yet the tracebacks Ray's
+# actors print behind their "(Name pid=...)" prefix: Ray Train's PlacementGroupCleaner prints one whenever
+# another Ray runs on the machine (the tests' own cluster, in a full run), which issue 22's part 7 fixes.
+ERROR_LINE = re.compile(r"\[\d{4}-\d\d-\d\d [\d:,.]+ [EF] \d+ \d+\]|\bERROR\b|^Traceback \(most recent call last\)")
+WARNING_LINE = re.compile(r"\bWARNING\b|\[\d{4}-\d\d-\d\d [\d:,.]+ W \d+ \d+\]")
+# Parts of a log line that differ between two emissions of the same message: times, ids, pids.
+VARYING = re.compile(r"\d{4}-\d\d-\d\d[ T][\d:,.]+|pid=\d+|\b[0-9a-f]{8,}\b|\d+")
+
+
+def console_faults(output: str) -> list[str]:
+    """A successful run's console problems: every error-level line, and every warning said twice."""
+    faults = [f"error-level line: {line}" for line in output.splitlines() if ERROR_LINE.search(line)]
+    warnings = [VARYING.sub("#", line) for line in output.splitlines() if WARNING_LINE.search(line)]
+    faults += [f"warning said {warnings.count(line)} times: {line}" for line in sorted(set(warnings))
+               if warnings.count(line) > 1]
+    return faults
+
+
+CHROMIUM = "/usr/bin/chromium"
+# Without the background-networking flags Chromium keeps dialling Google on an offline machine.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+# Per plot div: the coloured pixels of its canvas (vega-embed draws on a canvas). Axes, grid and labels
+# are grey; the data's lines and points take DVC's colours, so a plot without data has none.
+DRAWN_PIXELS = """ids => Object.fromEntries(ids.map(id => {
+    const canvas = document.getElementById(id).querySelector('canvas');
+    if (!canvas) return [id, 0];
+    const pixels = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+    let coloured = 0;
+    for (let i = 0; i < pixels.length; i += 4) {
+        const [r, g, b, a] = pixels.slice(i, i + 4);
+        if (a > 0 && Math.max(r, g, b) - Math.min(r, g, b) > 60) coloured++;
+    }
+    return [id, coloured];
+}))"""
+# DVC's legend lists the revisions found in the data, so a plot without data has no coloured pixel at all;
+# one with a single point (a one-epoch history) has a few dozen.
+DRAWN_AT_LEAST = 1
+
+
+def plots_drawn_offline(page: Path) -> dict[str, int]:
+    """Opens `page` (written by `dvc plots show`) in headless Chromium with every network request refused
+    and a proxy that leads nowhere; returns, per plot, how many coloured pixels it drew. Fails if the page
+    asks for anything but files, or a plot draws no data."""
+    from playwright.sync_api import TimeoutError as PageTimeout
+    from playwright.sync_api import sync_playwright
+
+    requested = []
+
+    def local_files_only(route) -> None:
+        requested.append(route.request.url)
+        if route.request.url.startswith("file:"):
+            route.continue_()
+        else:
+            route.abort()
+
+    with sync_playwright() as playwright:
+        # 127.0.0.1:9 is the discard port, where nothing listens: a request that escaped the route fails.
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + [
+            "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>"])
+        try:
+            page_view = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page_view.route("**/*", local_files_only)
+            page_view.goto(page.resolve().as_uri(), wait_until="load")
+            plot_ids = page_view.eval_on_selector_all("div[id]", "divs => divs.map(d => d.id)")
+            assert plot_ids, f"{page}: no plot on the page"
+            try:
+                page_view.wait_for_function(
+                    "ids => ids.every(id => document.getElementById(id).querySelector('canvas'))", arg=plot_ids,
+                    timeout=30_000)
+            except PageTimeout:
+                pass  # the plots without a canvas count as drawing nothing
+            drawn = page_view.evaluate(DRAWN_PIXELS, plot_ids)
+        finally:
+            browser.close()
+    assert all(url.startswith("file:") for url in requested), f"the page asked the network for {requested}"
+    assert all(count >= DRAWN_AT_LEAST for count in drawn.values()), f"plots that drew no data: {drawn}"
+    return drawn

@@ -132,7 +132,7 @@ def test_train_stage_spans_both_nodes_with_s3_storage(cluster, tracking, s3, tmp
     [record] = [child for child in (bucket / "runs").children() if child.name.startswith(f"{FAST_MODEL}-")]
     assert sorted(child.name for child in record.children() if not child.name.startswith(".")) == \
         sorted([RESULT_MARKER, RESULT_WEIGHTS]), "a finished run keeps its result, not its checkpoints"
-    assert {child.name for child in (bucket / "outputs" / "lenet5").children()} == {"model.pt", "metrics.json", "history.csv"}
+    assert {child.name for child in (bucket / "outputs" / "lenet5").children()} == {"model.pt", "metrics.json", "report.json", "history.csv", "steps.csv"}
     # The nodes copied the data once (they share this machine's disk, so once in all), verified.
     copies = list((tmp_path / "cache").glob("*/train.beton"))
     assert len(copies) == 1 and copies[0].read_bytes() == (digits_betons / "train.beton").read_bytes()
@@ -196,10 +196,10 @@ def test_the_alexnet2012_preset_as_one_job_lands_in_the_project(cluster, trackin
     dataset = json.loads((project / "data/beton/dataset.json").read_text())
     assert dataset["classes"] == sorted(WNIDS)
     assert dataset["preprocess"]["short_side"] == 260 and dataset["preprocess"]["max_resolution"] == 520
-    evaluated = json.loads((project / "outputs/evaluate/alexnet2012/metrics.json").read_text())
+    evaluated = json.loads((project / "outputs/evaluate/alexnet2012/metrics.json").read_text())["alexnet2012"]
     assert {"center_top1_error", "ten_crop_top1_error", "ten_crop_top5_error"} <= set(evaluated)
     assert evaluated["ten_crop_top5_error"] == 0, "three classes: top-5 holds them all"
-    ensemble = json.loads((project / "outputs/ensemble/metrics.json").read_text())
+    ensemble = json.loads((project / "outputs/ensemble/report.json").read_text())
     assert ensemble["protocol"] == "ten_crop" and ensemble["models"] == 3
     table = (project / "outputs/ensemble/papers.md").read_text()
     row = next(line for line in table.splitlines()

@@ -22,6 +22,8 @@ from tests.conftest import (
     FAST_RESOLUTION,
     change_params,
     clean_copy,
+    console_faults,
+    plots_drawn_offline,
     ran,
     without_ray_address,
 )
@@ -41,12 +43,12 @@ TRACKING_AND_FAULT_TOLERANCE = {"mlflow": {"experiment": "renamed"},
                                 "ray": {"max_failures": 5, "checkpoints_to_keep": 3, "storage_path": "elsewhere"}}
 
 
-def dvc(repo: Path, *arguments: str, timeout: float = 1200) -> str:
+def dvc(repo: Path, *arguments: str, timeout: float = 1200, with_stderr: bool = False) -> str:
     env = without_ray_address() | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run(["dvc", *arguments], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"dvc {' '.join(arguments)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
+    return result.stdout + (result.stderr if with_stderr else "")
 
 
 def changed_stages(repo: Path) -> set[str]:
@@ -59,10 +61,40 @@ def tracked_runs(repo: Path) -> list:
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
+def check_what_a_user_reads(repo: Path, output: str) -> None:
+    """The console of a successful `dvc repro`, `make run`'s last screen, `dvc exp show` piped, and the
+    plots page drawn with no network."""
+    assert not console_faults(output), "\n".join(console_faults(output))
+    assert "Trial status" not in output, "Tune's status tables"
+    assert re.search(r"^ensemble: member 0 \(seed \d+, run \S+\) trained; 1/1 trained", output, re.MULTILINE), output
+
+    screen = subprocess.run([sys.executable, "-m", "pipeline.reports.summary"], cwd=repo, capture_output=True, text=True,
+                            check=True).stdout
+    assert max(len(line) for line in screen.splitlines()) <= 160, screen
+    trained = json.loads((repo / f"outputs/train/{FAST_MODEL}/metrics.json").read_text())[FAST_MODEL]
+    assert f"{trained['val_top1_error']:.4f} {trained['val_top5_error']:.4f}" in screen, screen
+
+    # Piped, DVC fits the table into 1,024 columns, dropping columns from the right: every metric of every
+    # metrics file must keep a column, named by its key alone.
+    metrics = json.loads(dvc(repo, "metrics", "show", "--json"))
+    names = {name for data in next(iter(metrics.values()))["data"].values() for name in flat_keys(data["data"])}
+    header = dvc(repo, "exp", "show").splitlines()[1].split()
+    assert names <= set(header), f"missing from dvc exp show: {names - set(header)}"
+
+    drawn = plots_drawn_offline(repo / "plots" / "index.html")
+    assert any("steps" in plot for plot in drawn) and any("history" in plot for plot in drawn), drawn
+
+
+def flat_keys(data: dict, prefix: str = "") -> list[str]:
+    """DVC's names of the values in a metrics file: nested keys joined by dots."""
+    return [name for key, value in data.items()
+            for name in (flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])]
+
+
 @pytest.mark.timeout(2400)
 def test_dvc_repro_then_params_changes_rerun_only_what_they_shape(tmp_path):
     repo = clean_copy(tmp_path / "repo", REDUCED)
-    output = dvc(repo, "repro")
+    output = dvc(repo, "repro", with_stderr=True)
     assert ran(output) == {"prepare", "preprocess", f"train@{FAST_MODEL}", f"evaluate@{FAST_MODEL}", "ensemble"}
     assert f"Ensemble of 1 x {FAST_MODEL}" in output and "gain over mean member" in output
     for path in ("data/prepared/classes.json", "data/beton/train.beton", "data/beton/dataset.json",
@@ -76,11 +108,11 @@ def test_dvc_repro_then_params_changes_rerun_only_what_they_shape(tmp_path):
     metrics = json.loads(dvc(repo, "metrics", "show", "--json"))
     by_file = next(iter(metrics.values()))["data"]
     assert by_file["reports/preprocess.json"]["data"]["train"]["images"] == 1437
-    assert by_file[f"outputs/train/{FAST_MODEL}/metrics.json"]["data"]["val_top1_error"] < 0.9  # chance: 0.9
+    assert by_file[f"outputs/train/{FAST_MODEL}/metrics.json"]["data"][FAST_MODEL]["val_top1_error"] < 0.9  # chance: 0.9
     assert by_file["outputs/ensemble/metrics.json"]["data"]["members"] == 1
     assert "Data and pipelines are up to date." in dvc(repo, "repro")
     dvc(repo, "plots", "show", "-o", "plots")
-    assert (repo / "plots" / "index.html").is_file()
+    check_what_a_user_reads(repo, output)
 
     # Tracking and fault-tolerance settings shape nothing; the recipe shapes every stage that trains.
     original = (repo / "params.yaml").read_text()
@@ -125,6 +157,6 @@ def test_dvc_repro_then_params_changes_rerun_only_what_they_shape(tmp_path):
                          "ensemble": {"members": 2, "include": [FAST_MODEL, *new_models]}})
     output = dvc(repo, "repro")
     assert ran(output) == {f"{stage}@{model}" for stage in ("train", "evaluate") for model in new_models} | {"ensemble"}
-    assert json.loads((repo / "outputs/ensemble/metrics.json").read_text())["included"] == [FAST_MODEL, *new_models]
+    assert json.loads((repo / "outputs/ensemble/report.json").read_text())["included"] == [FAST_MODEL, *new_models]
     assert "Reusing member 0" in output and "Reusing member 1" in output
     assert not re.search(r"Training \d+ members", output)

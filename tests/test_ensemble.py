@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import PROJECT_ROOT
 from pipeline.data.dataset import Dataset
 from pipeline.drivers.ensemble import (
+    METRIC_KEYS,
     EnsembleError,
     best_member,
     included_scores,
@@ -88,7 +89,8 @@ def test_finished_members_keep_their_weights_and_scores_only(ensemble_run, digit
 
 def test_outputs_and_curve(ensemble_run):
     out, summary = ensemble_run["folder"] / "out", ensemble_run["summary"]
-    assert json.loads((out / "metrics.json").read_text()) == summary
+    assert json.loads((out / "report.json").read_text()) == summary
+    assert json.loads((out / "metrics.json").read_text()) == {key: summary[key] for key in METRIC_KEYS}
     assert summary["members"] == MEMBERS and summary["models"] == MEMBERS + 1 and summary["combine"] == "softmax"
     assert summary["protocol"] == "center" and summary["included"] == [FAST_MODEL]
     with open(out / "error_curve.csv") as handle:
@@ -108,7 +110,7 @@ def test_outputs_and_curve(ensemble_run):
 def test_a_trained_model_joins_by_its_evaluated_scores(ensemble_run):
     folder, summary = ensemble_run["folder"], ensemble_run["summary"]
     evaluated = json.loads((folder / "evaluate" / FAST_MODEL / "metrics.json").read_text())
-    assert summary["model_top1_error"][FAST_MODEL] == pytest.approx(evaluated["center_top1_error"])
+    assert summary["model_top1_error"][FAST_MODEL] == pytest.approx(evaluated[FAST_MODEL]["center_top1_error"])
     table = (folder / "out" / "papers.md").read_text()
     assert f"| {FAST_MODEL} (evaluate@{FAST_MODEL}) | center | 1 |" in table
     assert f"| ensemble ({MEMBERS} members + {FAST_MODEL}) | center | {MEMBERS + 1} |" in table

@@ -160,8 +160,8 @@ def test_combining_saved_scores_equals_combining_fresh_ones(evaluated, trained_r
 @pytest.mark.slow
 def test_outputs_per_class_errors_and_mlflow(evaluated, trained_run):
     out, classes = evaluated["out"], evaluated["dataset"].classes
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["model"] == "alexnet2012" and set(metrics) - {"model"} == {
+    [(model, metrics)] = json.loads((out / "metrics.json").read_text()).items()
+    assert model == "alexnet2012" and set(metrics) == {
         f"{protocol}_{kind}_error" for protocol in PROTOCOLS for kind in ("top1", "top5")}
     per_class = (out / "per_class.csv").read_text().splitlines()
     assert per_class[0] == "class,images,center_top1_error,center_mirror_top1_error,ten_crop_top1_error,multi_scale_top1_error"

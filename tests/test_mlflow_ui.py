@@ -13,15 +13,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PROJECT_ROOT
-from tests.conftest import free_port
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS, free_port
 
 pytestmark = pytest.mark.slow  # every test here trains or runs stages on a cluster
 
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-# Without the background-networking flags Chromium keeps dialling Google on this offline machine.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture

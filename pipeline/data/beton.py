@@ -159,7 +159,9 @@ def write_beton(
         try:
             skipped = 0
             with closing(_stored_images(workers, images, params)) as stored_images:
-                for position, stored in enumerate(tqdm(stored_images, total=len(images), desc=name, unit="img")):
+                # A bar on a terminal only (disable=None): piped into a log, each redraw would be kept.
+                bar = tqdm(stored_images, total=len(images), desc=name, unit="img", disable=None)
+                for position, stored in enumerate(bar):
                     checks.append(stored.check)
                     if not stored.check.skip_reason:
                         writer.add(stored, labels[position])

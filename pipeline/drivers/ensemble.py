@@ -41,6 +41,12 @@ from pipeline.training.fit import fit
 from pipeline.training.job import TrainJob
 from pipeline.training.trials import TRIAL_RESOURCES, max_concurrent_runs, trials_run_config
 
+# The summary's figures that `dvc metrics show` and `dvc exp show` compare; each model's errors would be
+# two columns per member.
+METRIC_KEYS = ("members", "ensemble_top1_error", "ensemble_top5_error", "member_top1_error_mean", "gain_top1",
+               "gain_top5")
+
+
 class EnsembleError(InputError):
     """A member is missing, failed or unreadable: the ensemble refuses to average fewer."""
 
@@ -106,9 +112,39 @@ def train_members(members: list[Member], runs: RunStore, params: Params, val: Be
         tune.with_resources(trainable, TRIAL_RESOURCES),
         param_space={"index": tune.grid_search([member.index for member in pending])},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
-        run_config=trials_run_config(f"ensemble-tune-{members[0].name}", runs),
+        # Tune's status tables (one every 30 s, and a box per trial) give way to MemberProgress's lines.
+        run_config=trials_run_config(f"ensemble-tune-{members[0].name}", runs,
+                                     progress=MemberProgress(members, len(pending))),
     )
     tuner.fit()  # failures surface below, as the member that has no result
+
+
+class MemberProgress(tune.Callback):
+    """In place of Tune's tables: one line each time a member starts, finishes or fails, with the counts."""
+
+    def __init__(self, members: list[Member], pending: int):
+        self.members, self.pending, self.started = members, pending, time.monotonic()
+        self.running, self.trained, self.failed = set(), set(), set()
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self.running.add(trial.trial_id)
+        self.say(trial, "started")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self.running.discard(trial.trial_id)
+        self.trained.add(trial.trial_id)
+        self.say(trial, "trained")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self.running.discard(trial.trial_id)
+        self.failed.add(trial.trial_id)
+        self.say(trial, "FAILED")
+
+    def say(self, trial, event: str) -> None:
+        elapsed = time.monotonic() - self.started
+        failed = f", {len(self.failed)} failed" if self.failed else ""
+        print(f"ensemble: {self.members[trial.config['index']].describe()} {event}; {len(self.trained)}/{self.pending} "
+              f"trained, {len(self.running)} training{failed} ({elapsed // 60:.0f}m{elapsed % 60:02.0f}s)", flush=True)
 
 
 def load_member(member: Member, runs: RunStore) -> RunResult:
@@ -182,11 +218,11 @@ def measured_figures(evaluations: Location, params: Params, summary: dict, curve
     the papers report (k nets of the members' model)."""
     figures = []
     for folder in evaluations.children():
-        metrics = json.loads((folder / "metrics.json").read_text())
-        for protocol in params.evaluate.protocols:
-            if f"{protocol}_top1_error" in metrics:
-                figures.append(Measured(metrics["model"], protocol, 1, metrics[f"{protocol}_top1_error"],
-                                        metrics[f"{protocol}_top5_error"], f"evaluate@{metrics['model']}"))
+        for model, metrics in json.loads((folder / "metrics.json").read_text()).items():
+            for protocol in params.evaluate.protocols:
+                if f"{protocol}_top1_error" in metrics:
+                    figures.append(Measured(model, protocol, 1, metrics[f"{protocol}_top1_error"],
+                                            metrics[f"{protocol}_top5_error"], f"evaluate@{model}"))
     for point in curve[1:summary["members"]]:
         figures.append(Measured(params.ensemble.model, summary["protocol"], point["members"], point["top1_error"],
                                 point["top5_error"], f"ensemble, first {point['members']} members"))
@@ -203,7 +239,10 @@ def data_name(params: Params, dataset: Dataset) -> str:
 
 
 def write_outputs(out: Location, members: list[Member], summary: dict, curve: list[dict], table: str) -> None:
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    """metrics.json: the figures DVC compares (METRIC_KEYS); report.json: the whole summary, every
+    model's errors too; error_curve.csv; members.json; papers.md."""
+    (out / "metrics.json").write_text(json.dumps({key: summary[key] for key in METRIC_KEYS}, indent=2) + "\n")
+    (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = ["models,top1_error,top5_error"] + [f"{p['members']},{p['top1_error']},{p['top5_error']}" for p in curve]
     (out / "error_curve.csv").write_text("\n".join(lines) + "\n")
     references = [

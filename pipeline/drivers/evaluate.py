@@ -2,7 +2,8 @@
 evaluate.protocols, scored on the cluster (pipeline/scoring/protocols.py), with the per-image scores that the
 ensemble stage combines, per-class errors and a confusion matrix; recorded on the model's MLflow run.
 
-Outputs in --out: metrics.json ({protocol}_top1_error / _top5_error), scores/scores-{protocol}.npz,
+Outputs in --out: metrics.json ({model: {{protocol}_top1_error / _top5_error}}: under the model's name, so
+that DVC names the columns by key alone), scores/scores-{protocol}.npz,
 per_class.csv (each class's top-1 error per protocol), confusion.csv (actual and predicted class of
 every image under the first protocol: DVC's confusion-matrix plot).
 """
@@ -61,7 +62,7 @@ def load_weights(weights: Location, spec: RunSpec) -> dict[str, torch.Tensor]:
 def write_outputs(out: Location, model_name: str, scores: dict[str, Scores], metrics: dict, classes: list[str]) -> None:
     for protocol, result in scores.items():
         result.save(scores_file(out / "scores", protocol))
-    (out / "metrics.json").write_text(json.dumps({"model": model_name, **metrics}, indent=2) + "\n")
+    (out / "metrics.json").write_text(json.dumps({model_name: metrics}, indent=2) + "\n")
     (out / "per_class.csv").write_text(per_class_table(scores, classes))
     first = next(iter(scores.values()))
     (out / "confusion.csv").write_text(confusion_rows(first.log_probs, first.labels, classes))

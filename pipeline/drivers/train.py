@@ -22,6 +22,12 @@ from pipeline.runs.store import RunRecord, RunResult
 from pipeline.storage.location import Location
 from pipeline.training.fit import fit
 from pipeline.training.job import TrainJob
+from pipeline.training.progress import STEP_COLUMNS
+
+# The summary's figures that `dvc metrics show` and `dvc exp show` compare, under the model's name: DVC
+# names a column by its key alone when no other metrics file has that key, and by the file's path and
+# the key otherwise (50 characters, for every model). The whole summary is in report.json.
+METRIC_KEYS = ("val_top1_error", "val_top5_error", "best_val_top1_error", "steady_images_per_s")
 
 
 def train_model(params: Params, model_name: str, data: Location, out: Location) -> dict:
@@ -82,17 +88,25 @@ def summarize(model: torch.nn.Module, history: list[dict]) -> dict:
 
 
 def publish(out: Location, spec: RunSpec, result: RunResult) -> dict:
-    """The stage outputs: model.pt (state dict), metrics.json, history.csv (one row per epoch)."""
+    """The stage outputs: model.pt (state dict), metrics.json (METRIC_KEYS), report.json (the whole
+    summary), history.csv (one row per epoch), steps.csv (the training loss within epochs)."""
     metrics = summarize(spec.load_model(result.weights), result.history)
     with (out / "model.pt").open_write() as stream:
         torch.save(result.weights, stream)
-    (out / "metrics.json").write_text(json.dumps({"model": spec.model, **metrics}, indent=2) + "\n")
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=list(result.history[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(result.history)
-    (out / "history.csv").write_text(table.getvalue())
+    compared = {spec.model: {key: metrics[key] for key in METRIC_KEYS}}
+    (out / "metrics.json").write_text(json.dumps(compared, indent=2) + "\n")
+    (out / "report.json").write_text(json.dumps({"model": spec.model, **metrics}, indent=2) + "\n")
+    (out / "history.csv").write_text(csv_table(result.history, list(result.history[0])))
+    (out / "steps.csv").write_text(csv_table(result.steps, STEP_COLUMNS))
     return metrics
+
+
+def csv_table(rows: list[dict], columns: list[str]) -> str:
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return table.getvalue()
 
 
 def log_to_mlflow(context: StageContext, run_id: str, spec: RunSpec, result: RunResult, metrics: dict) -> None:

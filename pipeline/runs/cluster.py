@@ -15,8 +15,10 @@ Each check names the setting to change.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import re
 import uuid
 
 import ray
@@ -44,8 +46,12 @@ def connect(params: RayParams) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
+        # Ray enables token authentication for a new local cluster and warns that it did at every start,
+        # i.e. once per stage; the README says it once. Its errors (a refused token) still show.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         # The dashboard stays on: Ray Train's placement-group cleaner asks its state API.
         ray.init(address="local", num_cpus=params.local_num_cpus)
+    drop_known_noise()
 
 
 def alive_nodes() -> list[dict]:
@@ -112,3 +118,32 @@ def capacity_wait(params: RayParams) -> tuple[float, int]:
     died and was never replaced would wait forever."""
     start_timeout = min(WORKER_GROUP_START_TIMEOUT_S, params.capacity_timeout_s)
     return start_timeout, math.ceil(params.capacity_timeout_s / start_timeout) - 1
+
+
+# Lines Ray's processes print, forwarded to the driver, that report no fault of the run; each is matched
+# whole, so that any other line of the same source still shows.
+KNOWN_NOISE = [
+    # Ray Train's controller starts its PreemptionWatcher actor (a watcher of node drains) with
+    # max_restarts=-1 and arguments that Ray keeps in the object store; Ray's core worker logs that
+    # combination at error level, once per worker group, though nothing has failed.
+    re.compile(r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' .* has constructor arguments in the "
+               r"object store and max_restarts > 0"),
+]
+
+
+def drop_known_noise() -> None:
+    """Wraps the handler through which the driver prints the lines of Ray's worker processes (set up by
+    ray.init with log_to_driver) so that it skips KNOWN_NOISE."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    for name, handler in list(dispatcher.handlers):
+        if name != "ray_print_logs":
+            continue
+
+        def without_noise(batch: dict, printer=handler) -> None:
+            lines = [line for line in batch["lines"] if not any(noise.search(line) for noise in KNOWN_NOISE)]
+            if lines:
+                printer(batch | {"lines": lines})
+
+        dispatcher.remove_handler(name)
+        dispatcher.add_handler(name, without_noise)

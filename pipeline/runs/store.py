@@ -1,7 +1,8 @@
 """The run store: the folder (or URI) ray.storage_path, one folder per training run, by its name
 (pipeline/runs/identity.py):
   <name>/checkpoint_*/state.pt, checkpoint_manager_snapshot.json   Ray Train's, while the run trains
-  <name>/result.pt     {"model": state dict, "history": [one dict per epoch]} once training finished
+  <name>/result.pt     {"model": state dict, "history": [one dict per epoch], "steps": [the training loss
+                       within epochs, pipeline/training/progress.py]} once training finished
   <name>/result.json   {"name", "identity", "finished_at", "used_at", "summary"}: the done marker,
                        written after result.pt, so its presence means the result is whole
   <name>/scores-*.npz  an ensemble member's per-image validation scores (pipeline/drivers/ensemble.py)
@@ -37,6 +38,7 @@ Status = Literal["new", "interrupted", "finished"]
 class RunResult:
     weights: dict[str, torch.Tensor]
     history: list[dict]
+    steps: list[dict] = dataclasses.field(default_factory=list)
 
 
 class RunRecord:
@@ -58,7 +60,7 @@ class RunRecord:
     def save_result(self, result: RunResult, identity: dict, summary: Mapping[str, float]) -> None:
         """result.pt first, then the marker that says it is whole."""
         with (self.folder / RESULT_WEIGHTS).open_write() as stream:
-            torch.save({"model": result.weights, "history": result.history}, stream)
+            torch.save({"model": result.weights, "history": result.history, "steps": result.steps}, stream)
         now = time.time()
         marker = {"name": self.name, "identity": identity, "finished_at": now, "used_at": now, "summary": dict(summary)}
         (self.folder / RESULT_MARKER).write_text(json.dumps(marker, indent=1))
@@ -70,7 +72,8 @@ class RunRecord:
         """Raises whatever torch raises for a missing or damaged file; callers name the run."""
         data = (self.folder / RESULT_WEIGHTS).read_bytes()
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        return RunResult(state["model"], state["history"])
+        # Runs finished before steps were kept have none.
+        return RunResult(state["model"], state["history"], state.get("steps", []))
 
     def checkpoint_state(self) -> dict | None:
         """An unfinished run's last checkpoint ({"epoch", "model", "optimizer", ..., "history"}), if any."""

@@ -15,12 +15,20 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from pipeline.tracking import TrackingTarget, log_history, log_metrics
 
+# Points of the training loss curve per epoch (steps.csv, train_loss_step in MLflow): enough to see the
+# loss move within an epoch, few enough for a 90-epoch ImageNet run (1,800 rows).
+STEP_POINTS_PER_EPOCH = 20
+# step: the global step (1-based); epoch: the epochs done at that step (0.5 = half of the first).
+STEP_COLUMNS = ["step", "epoch", "train_loss"]
+
 
 class RankZeroLog:
     def __init__(self, label: str, epochs: int, steps: int, images_per_step: int, every_s: float,
                  target: TrackingTarget | None):
         self.label, self.epochs, self.steps, self.images_per_step = label, epochs, steps, images_per_step
         self.every_s, self.target = every_s, target
+        self.point_every = max(1, steps // STEP_POINTS_PER_EPOCH)
+        self.points: list[dict] = []  # the loss curve within epochs: STEP_COLUMNS
         self.client, self.monitor = None, None
         if target is not None:
             mlflow.set_tracking_uri(target.uri)
@@ -30,34 +38,46 @@ class RankZeroLog:
                 self.monitor = SystemMetricsMonitor(target.run_id)
                 self.monitor.start()
 
-    def resumed(self, history: list[dict]) -> None:
+    def resumed(self, history: list[dict], points: list[dict]) -> None:
         """A run resumed into a new or other MLflow store starts with the epochs its checkpoint has done."""
+        self.points = list(points)
         if self.client:
             log_history(self.client, self.target.run_id, history)
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.started = self.shown_at = time.perf_counter()
-        self.shown_loss_sum, self.shown_seen = 0.0, 0
+        self.point_loss_sum, self.point_seen = 0.0, 0
 
     def step(self, step: int, seen: int, loss_sum: torch.Tensor) -> None:
-        """Every every_s seconds: the step, the images/s of all workers, the epoch's ETA and rank 0's loss
-        so far, and the mean loss of rank 0's steps since the last line as train_loss_step at the global
-        step. Reading the loss waits for the GPU, so it is read only then."""
+        """Every every_s seconds a line: the step, the images/s of all workers, the epoch's ETA and rank
+        0's loss so far. Every 1/STEP_POINTS_PER_EPOCH of the epoch a point of the loss curve. Reading the
+        loss waits for the GPU, so it is read only then."""
         now = time.perf_counter()
-        if now - self.shown_at < self.every_s:
+        line_due = now - self.shown_at >= self.every_s
+        point_due = step % self.point_every == 0
+        if not (line_due or point_due):
             return
         total = loss_sum.item()
-        elapsed = now - self.started
-        eta = elapsed / step * (self.steps - step)
-        say(f"{self.label} epoch {self.epoch + 1}/{self.epochs} step {step}/{self.steps} "
-            f"{step * self.images_per_step / elapsed:.0f} img/s ETA {eta // 60:.0f}m{eta % 60:02.0f}s "
-            f"loss so far {total / seen:.4g}")
+        if point_due:
+            self.add_point(step, seen, total)
+        if line_due:
+            elapsed = now - self.started
+            eta = elapsed / step * (self.steps - step)
+            say(f"{self.label} epoch {self.epoch + 1}/{self.epochs} step {step}/{self.steps} "
+                f"{step * self.images_per_step / elapsed:.0f} img/s ETA {eta // 60:.0f}m{eta % 60:02.0f}s "
+                f"loss so far {total / seen:.4g}")
+            self.shown_at = now
+
+    def add_point(self, step: int, seen: int, total: float) -> None:
+        """The mean loss of rank 0's steps since the last point, at the global step: kept for steps.csv
+        (it travels in the checkpoints) and logged to MLflow as train_loss_step."""
+        global_step = self.epoch * self.steps + step
+        loss = (total - self.point_loss_sum) / (seen - self.point_seen)
+        self.points.append({"step": global_step, "epoch": round(global_step / self.steps, 4), "train_loss": loss})
         if self.client:
-            recent = (total - self.shown_loss_sum) / (seen - self.shown_seen)
-            log_metrics(self.client, self.target.run_id, {"train_loss_step": recent},
-                        step=self.epoch * self.steps + step)
-        self.shown_at, self.shown_loss_sum, self.shown_seen = now, total, seen
+            log_metrics(self.client, self.target.run_id, {"train_loss_step": loss}, step=global_step)
+        self.point_loss_sum, self.point_seen = total, seen
 
     def epoch_done(self, history: list[dict]) -> None:
         metrics: Mapping[str, float] = {key: value for key, value in history[-1].items() if key != "epoch"}
@@ -76,9 +96,9 @@ class Silent(RankZeroLog):
     """The log of the ranks other than 0."""
 
     def __init__(self):
-        self.client, self.monitor = None, None
+        self.client, self.monitor, self.points = None, None, []
 
-    def resumed(self, history: list[dict]) -> None: ...
+    def resumed(self, history: list[dict], points: list[dict]) -> None: ...
     def start_epoch(self, epoch: int) -> None: ...
     def step(self, step: int, seen: int, loss_sum: torch.Tensor) -> None: ...
     def epoch_done(self, history: list[dict]) -> None: ...

@@ -26,6 +26,8 @@ def max_concurrent_runs(params: RayParams, workers_per_run: int, cap: int | None
     return min(fits, cap or fits)
 
 
-def trials_run_config(name: str, runs: RunStore) -> tune.RunConfig:
-    """Tune's own records go beside the runs, in the run store."""
-    return tune.RunConfig(name=name, storage_path=runs.root.path, storage_filesystem=runs.root.filesystem, verbose=1)
+def trials_run_config(name: str, runs: RunStore, progress: tune.Callback | None = None) -> tune.RunConfig:
+    """Tune's own records go beside the runs, in the run store. With a `progress` callback, it says how the
+    trials go instead of Tune's status tables (verbose=0 leaves only Tune's opening box)."""
+    return tune.RunConfig(name=name, storage_path=runs.root.path, storage_filesystem=runs.root.filesystem,
+                          verbose=0 if progress else 1, callbacks=[progress] if progress else None)

@@ -45,11 +45,11 @@ def train_worker(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = Device.set_up(spec.recipe, job.threads_per_worker)
     state = TrainState.build(job, device)
-    start_epoch, history = state.resume(ray.train.get_checkpoint(), device)
+    start_epoch, history, points = state.resume(ray.train.get_checkpoint(), device)
     train_loader, val_loader = make_loaders(job, device, world, start_epoch)
     log = (RankZeroLog(f"[{spec.model}]", spec.epochs, len(train_loader), spec.recipe.batch_size // world * world,
                        spec.recipe.log_every_s, job.tracking) if rank == 0 else Silent())
-    log.resumed(history)
+    log.resumed(history, points)
     flops_per_image = training_flops_per_image(spec) if device.peak_flops else None
 
     for epoch in range(start_epoch, spec.epochs):
@@ -63,7 +63,7 @@ def train_worker(loop_config: dict) -> None:
         metrics = trained.metrics(val_top1, val_top5, lr, world)
         metrics |= gpu_metrics(metrics["images_per_s"], world, device, flops_per_image)
         history.append({"epoch": epoch, **metrics})
-        report(state, epoch, history, rank)
+        report(state, epoch, history, log.points, rank)
         log.epoch_done(history)
     log.close()
 
@@ -93,21 +93,23 @@ class TrainState:
         return cls(network, model, optimizer, make_scheduler(optimizer, recipe, spec.epochs), device.grad_scaler(),
                    nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing))
 
-    def state_dict(self, epoch: int, history: list[dict]) -> dict:
+    def state_dict(self, epoch: int, history: list[dict], points: list[dict]) -> dict:
         return {"epoch": epoch, "model": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "history": history}
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "history": history,
+                "steps": points}
 
-    def resume(self, checkpoint: ray.train.Checkpoint | None, device: Device) -> tuple[int, list[dict]]:
-        """(the first epoch to train, the history so far): from the last checkpoint, if Ray Train gave one."""
+    def resume(self, checkpoint: ray.train.Checkpoint | None, device: Device) -> tuple[int, list[dict], list[dict]]:
+        """(the first epoch to train, the history so far, the loss curve's points so far): from the last
+        checkpoint, if Ray Train gave one."""
         if not checkpoint:
-            return 0, []
+            return 0, [], []
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=device.device, weights_only=True)
         self.network.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        return state["epoch"] + 1, state["history"]
+        return state["epoch"] + 1, state["history"], state.get("steps", [])
 
 
 def make_loaders(job: TrainJob, device: Device, world: int, start_epoch: int):
@@ -214,12 +216,12 @@ def gpu_metrics(images_per_s: float, world: int, device: Device, flops_per_image
     return metrics
 
 
-def report(state: TrainState, epoch: int, history: list[dict], rank: int) -> None:
-    """Every rank reports (it is a barrier); rank 0 alone attaches the checkpoint."""
+def report(state: TrainState, epoch: int, history: list[dict], points: list[dict], rank: int) -> None:
+    """Every rank reports (it is a barrier); rank 0 alone attaches the checkpoint (and has the points)."""
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if rank == 0:
-            torch.save(state.state_dict(epoch, history), Path(directory) / CHECKPOINT_FILE)
+            torch.save(state.state_dict(epoch, history, points), Path(directory) / CHECKPOINT_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(history[-1], checkpoint=checkpoint)
 

@@ -39,7 +39,7 @@ from pipeline.scoring.protocols import Scores, score_on_cluster, scores_file
 from pipeline.storage.location import Location
 from pipeline.training.fit import fit
 from pipeline.training.job import TrainJob
-from pipeline.training.trials import TRIAL_RESOURCES, max_concurrent_runs, trials_run_config
+from pipeline.training.trials import TRIAL_RESOURCES, TrialProgress, max_concurrent_runs, trials_run_config
 
 # The summary's figures that `dvc metrics show` and `dvc exp show` compare; each model's errors would be
 # two columns per member.
@@ -112,39 +112,10 @@ def train_members(members: list[Member], runs: RunStore, params: Params, val: Be
         tune.with_resources(trainable, TRIAL_RESOURCES),
         param_space={"index": tune.grid_search([member.index for member in pending])},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
-        # Tune's status tables (one every 30 s, and a box per trial) give way to MemberProgress's lines.
-        run_config=trials_run_config(f"ensemble-tune-{members[0].name}", runs,
-                                     progress=MemberProgress(members, len(pending))),
+        run_config=trials_run_config(f"ensemble-tune-{members[0].name}", runs, progress=TrialProgress(
+            "ensemble", len(pending), lambda config: members[config["index"]].describe())),
     )
     tuner.fit()  # failures surface below, as the member that has no result
-
-
-class MemberProgress(tune.Callback):
-    """In place of Tune's tables: one line each time a member starts, finishes or fails, with the counts."""
-
-    def __init__(self, members: list[Member], pending: int):
-        self.members, self.pending, self.started = members, pending, time.monotonic()
-        self.running, self.trained, self.failed = set(), set(), set()
-
-    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
-        self.running.add(trial.trial_id)
-        self.say(trial, "started")
-
-    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        self.running.discard(trial.trial_id)
-        self.trained.add(trial.trial_id)
-        self.say(trial, "trained")
-
-    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self.running.discard(trial.trial_id)
-        self.failed.add(trial.trial_id)
-        self.say(trial, "FAILED")
-
-    def say(self, trial, event: str) -> None:
-        elapsed = time.monotonic() - self.started
-        failed = f", {len(self.failed)} failed" if self.failed else ""
-        print(f"ensemble: {self.members[trial.config['index']].describe()} {event}; {len(self.trained)}/{self.pending} "
-              f"trained, {len(self.running)} training{failed} ({elapsed // 60:.0f}m{elapsed % 60:02.0f}s)", flush=True)
 
 
 def load_member(member: Member, runs: RunStore) -> RunResult:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 
 import yaml
@@ -32,7 +33,7 @@ from pipeline.runs.store import RunRecord, RunResult, RunStore
 from pipeline.storage.location import Location
 from pipeline.training.fit import fit
 from pipeline.training.job import TrainJob
-from pipeline.training.trials import TRIAL_RESOURCES, max_concurrent_runs, trials_run_config
+from pipeline.training.trials import TRIAL_RESOURCES, TrialProgress, max_concurrent_runs, trials_run_config
 
 DISTRIBUTIONS = {"grid": tune.grid_search, "choice": tune.choice,
                  "uniform": lambda ends: tune.uniform(*ends), "loguniform": lambda ends: tune.loguniform(*ends)}
@@ -91,7 +92,7 @@ def finish_from_checkpoint(record: RunRecord, job: TrainJob) -> bool:
         state = record.checkpoint_state()
         if not state or len(state["history"]) < job.spec.epochs:
             return False
-        record.save_result(RunResult(state["model"], state["history"]), job.spec.identity(), {"finished_at": time.time()})
+        record.save_result(RunResult.from_state(state), job.spec.identity(), {"finished_at": time.time()})
         record.drop_checkpoints()
     return True
 
@@ -114,9 +115,19 @@ def search(params: Params, base: TrainJob, runs: RunStore, name: str) -> list[tu
             search_alg=BasicVariantGenerator(max_concurrent=concurrent, random_state=sweep.seed),
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=sweep.epochs,
                                     grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)),
-        run_config=trials_run_config(name, runs),
+        run_config=trials_run_config(name, runs, progress=TrialProgress("sweep", expected_trials(sweep), describe_config)),
     )
     return [(result.config, result.error is not None) for result in tuner.fit()]
+
+
+def expected_trials(sweep) -> int:
+    """Tune's trial count: each sample covers the grid keys' every combination."""
+    return sweep.trials * math.prod(len(values) for key in sweep.space for kind, values in sweep.space[key].items()
+                                    if kind == "grid")
+
+
+def describe_config(config: dict) -> str:
+    return "trial " + ", ".join(f"{key}={shown(value)}" for key, value in sorted(config.items()))
 
 
 def collect(index: int, base: TrainJob, config: dict, failed: bool, runs: RunStore) -> Trial:

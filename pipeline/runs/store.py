@@ -40,6 +40,11 @@ class RunResult:
     history: list[dict]
     steps: list[dict] = dataclasses.field(default_factory=list)
 
+    @classmethod
+    def from_state(cls, state: dict) -> RunResult:
+        """From a checkpoint's or result.pt's contents (runs from before the loss points have no steps)."""
+        return cls(state["model"], state["history"], state.get("steps", []))
+
 
 class RunRecord:
     """One run's folder in the run store."""
@@ -73,7 +78,7 @@ class RunRecord:
         data = (self.folder / RESULT_WEIGHTS).read_bytes()
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         # Runs finished before steps were kept have none.
-        return RunResult(state["model"], state["history"], state.get("steps", []))
+        return RunResult.from_state(state)
 
     def checkpoint_state(self) -> dict | None:
         """An unfinished run's last checkpoint ({"epoch", "model", "optimizer", ..., "history"}), if any."""

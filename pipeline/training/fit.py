@@ -66,4 +66,4 @@ def fit(job: TrainJob, runs: RunStore, params: RayParams, callbacks: Sequence[Us
         raise RuntimeError(f"training {job.spec.name} ended without a checkpoint")
     with result.checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    return RunResult(state["model"], state["history"], state.get("steps", []))
+    return RunResult.from_state(state)

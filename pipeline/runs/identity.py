@@ -21,7 +21,8 @@ import models
 from pipeline.config import Params, Recipe
 from pipeline.data.dataset import Dataset
 
-RUN_FORMAT = 1
+# 2: augmentation drawn from keys of (seed, epoch, sample) instead of unseeded thread-local state.
+RUN_FORMAT = 2
 
 # Which recipe keys a run depends on: these always; the schedule's own; the GPU-only ones on GPUs; and
 # the keys models.recipe_keys(model) names (dropout, alexnet_groups, alexnet_init).

@@ -29,7 +29,7 @@ RUN_FORMAT = 2
 COMMON_RECIPE_KEYS = ("batch_size", "lr", "momentum", "weight_decay", "schedule", "label_smoothing",
                       "resolution", "crop_min_scale", "pca_lighting_std", "decay_norm_and_bias", "order")
 SCHEDULE_KEYS = {"plateau": ("plateau_patience",), "step": ("step_size", "step_gamma"), "cosine": ()}
-GPU_ONLY_KEYS = ("amp", "channels_last", "amp_dtype")
+GPU_ONLY_KEYS = ("amp", "channels_last", "amp_dtype", "deterministic")
 
 
 def weight_keys(model: str, schedule: str, use_gpu: bool) -> tuple[str, ...]:

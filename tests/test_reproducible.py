@@ -18,8 +18,9 @@ from tests.conftest import (
     FAST_MODEL, finish, read_history, start_train_stage, stop_after_first_checkpoint, training_overrides, write_params,
 )
 
-# Enough epochs that a stop sent once the first checkpoint is registered lands before the run ends.
-EPOCHS = 5
+# Enough epochs that a stop sent once the first checkpoint is registered lands before the run ends (a
+# LeNet-5 epoch here takes well under a second once FFCV has compiled).
+EPOCHS = 10
 FIRST_SEED = 11
 # The ensemble's first member gets this seed (whatever the member count): the train stage uses it too, so
 # both are the same run.
@@ -31,7 +32,8 @@ COMPUTED = ["epoch", "train_loss", "train_top1_error", "val_top1_error", "val_to
 def overrides(folder: Path) -> dict:
     # Dropout on, so the test also covers the per-epoch seeding of the workers' torch RNG.
     settings = training_overrides(folder, epochs=EPOCHS, seed=SEED, dropout=0.5, pca_lighting_std=0.1)
-    settings["ensemble"] |= {"members": 2, "first_seed": FIRST_SEED, "epochs": EPOCHS, "num_workers": 2}
+    settings["ensemble"] |= {"members": 2, "first_seed": FIRST_SEED, "epochs": EPOCHS, "num_workers": 2,
+                             "max_concurrent": 1}
     settings["ray"] |= {"num_workers": 2}
     return settings
 
@@ -46,10 +48,10 @@ def assert_same_weights(first: dict[str, torch.Tensor], second: dict[str, torch.
     assert not different, f"weights differ: {different}"
 
 
-def train_stage(folder: Path, data: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    _, params = write_params(folder, overrides(folder))
+def train_stage(folder: Path, data: Path, settings: dict | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    _, params = write_params(folder, settings or overrides(folder))
     train_model(params, FAST_MODEL, Location.local(data), Location.local(folder / "out"))
-    return read_history(folder / "out"), torch.load(folder / "out" / "model.pt", weights_only=True)
+    return read_history(folder / "out"), torch.load(folder / "out" / "model.pt", map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +96,16 @@ def test_a_run_killed_after_its_first_epoch_resumes_to_the_same_end(reference, t
 
     assert computed(read_history(tmp_path / "out")) == reference[0]
     assert_same_weights(torch.load(tmp_path / "out" / "model.pt", weights_only=True), reference[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_deterministic_gpu_runs_are_identical(tmp_path, ray_cluster, digits_betons):
+    def gpu_run(folder: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
+        settings = training_overrides(folder, ray={"num_workers": 1, "use_gpu": True}, epochs=2, deterministic=True,
+                                      amp=True, amp_dtype="float16", channels_last=True)
+        return train_stage(folder, digits_betons, settings)
+
+    (first_history, first_weights), (second_history, second_weights) = gpu_run(tmp_path / "a"), gpu_run(tmp_path / "b")
+
+    assert computed(first_history) == computed(second_history)
+    assert_same_weights(first_weights, second_weights)

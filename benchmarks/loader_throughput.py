@@ -19,11 +19,12 @@ scikit-learn's two sample photos, as a two-class tree in a temporary folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,24 @@ def write_sample_tree(root: Path, count: int, seed: int = 0) -> Path:
     return root
 
 
+def source_parser(description: str) -> argparse.ArgumentParser:
+    """Options for the images a loader benchmark reads, and how: shared by the loader benchmarks."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tree", type=Path, help="class-folder tree with train/ and val/ (default: generated)")
+    parser.add_argument("--images", type=int, default=500, help="images to generate without --tree")
+    parser.add_argument("--threads", type=int, default=2, help="FFCV threads = DataLoader worker processes")
+    parser.add_argument("--batch-size", type=int, default=64)
+    return parser
+
+
+@contextlib.contextmanager
+def scratch_and_tree(args: argparse.Namespace) -> Iterator[tuple[Path, Path]]:
+    """A temporary folder, and the --tree given or one generated in that folder."""
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        yield work, args.tree or write_sample_tree(work / "tree", args.images)
+
+
 def median_rate(epoch: Iterable, epochs: int) -> float:
     """Median images/s over `epochs` passes over `epoch` (batches of (images, labels)), after a warm-up pass."""
     for _ in epoch:
@@ -76,13 +95,17 @@ def median_rate(epoch: Iterable, epochs: int) -> float:
     return statistics.median(rates)
 
 
+def beton_params(write_mode: str, threads: int) -> PreprocessParams:
+    """The sources at their own size, stored as `write_mode` says (proportion: half of them raw)."""
+    return PreprocessParams(
+        write_mode=write_mode, max_resolution=max(SOURCE_SIZE), compress_probability=0.5, jpeg_quality=JPEG_QUALITY,
+        smart_threshold=1, num_workers=threads, max_skipped_fraction=0.0, seed=0,
+    )
+
+
 def ffcv_rates(tree: Path, beton_dir: Path, write_mode: str, args: argparse.Namespace) -> tuple[float, float]:
     """(loader images/s, preprocess images/s) for .beton files written with `write_mode`."""
-    params = PreprocessParams(
-        write_mode=write_mode, max_resolution=max(SOURCE_SIZE), compress_probability=0.5, jpeg_quality=JPEG_QUALITY,
-        smart_threshold=1, num_workers=args.threads, max_skipped_fraction=0.0, seed=0,
-    )
-    report = preprocess(read_tree(tree), beton_dir, params)
+    report = preprocess(read_tree(tree), beton_dir, beton_params(write_mode, args.threads))
     loader = make_train_loader(
         beton_dir / "train.beton", batch_size=args.batch_size, resolution=RESOLUTION, num_threads=args.threads,
         distributed=False, seed=0,
@@ -119,17 +142,11 @@ def decode_rate(tree: Path, epochs: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tree", type=Path, help="class-folder tree with train/ and val/ (default: generated)")
-    parser.add_argument("--images", type=int, default=500, help="images to generate without --tree")
-    parser.add_argument("--threads", type=int, default=2, help="FFCV threads = DataLoader worker processes")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser = source_parser(__doc__)
     parser.add_argument("--epochs", type=int, default=5, help="timed epochs after the warm-up one")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as scratch:
-        work = Path(scratch)
-        tree = args.tree or write_sample_tree(work / "tree", args.images)
+    with scratch_and_tree(args) as (work, tree):
         files = len(read_tree(tree).splits["train"])
         ffcv_jpeg, write_jpeg = ffcv_rates(tree, work / "jpg", "jpg", args)
         ffcv_proportion, write_proportion = ffcv_rates(tree, work / "proportion", "proportion", args)

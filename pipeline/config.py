@@ -90,6 +90,7 @@ class Recipe(Section):
     channels_last: bool
     # Defaults for params built without them; params.yaml sets and explains each.
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    deterministic: bool = False
     decay_norm_and_bias: bool = True
     order: Literal["random", "quasi_random"] = "random"
     os_cache: bool = True

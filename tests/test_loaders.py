@@ -16,11 +16,10 @@ from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline.config import PROJECT_ROOT, PreprocessParams
+from pipeline.data.augment import IMAGENET_PCA_EIGENVALUES, IMAGENET_PCA_EIGENVECTORS
 from pipeline.data.beton import write_beton
 from pipeline.data.loaders import (
     IMAGENET_MEAN,
-    IMAGENET_PCA_EIGENVALUES,
-    IMAGENET_PCA_EIGENVECTORS,
     IMAGENET_STD,
     make_train_loader,
     make_val_loader,

@@ -37,10 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import (
-    CenterCropRGBImageDecoder,
-    RandomResizedCropRGBImageDecoder,
-)
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
@@ -48,7 +45,6 @@ from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 from ffcv.transforms import (
     NormalizeImage,
-    RandomHorizontalFlip,
     Squeeze,
     ToDevice,
     ToTensor,
@@ -57,18 +53,15 @@ from ffcv.transforms import (
 from ffcv.traversal_order.quasi_random import QuasiRandom, generate_order_inner
 
 from pipeline.config import VAL_CROP_RATIO
+from pipeline.data.augment import (
+    AugmentationKey,
+    KeyedHorizontalFlip,
+    KeyedLoader,
+    KeyedPCALighting,
+    KeyedRandomResizedCrop,
+)
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-# Principal components of ImageNet's RGB pixel covariance (pixels in 0..1), as fb.resnet.torch and
-# timm carry them: eigenvalues, and eigenvectors as columns.
-IMAGENET_PCA_EIGENVALUES = torch.tensor([0.2175, 0.0188, 0.0045])
-IMAGENET_PCA_EIGENVECTORS = torch.tensor(
-    [
-        [-0.5675, 0.7192, 0.4009],
-        [-0.5808, -0.0045, -0.8140],
-        [-0.5836, -0.6948, 0.4203],
-    ]
-)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # train.order: FFCV's QUASI_RANDOM shuffles within a few pages of the file at a time, so an epoch reads
 # each page once and a process cache (os_cache=False) holds only the pages in use.
@@ -136,22 +129,6 @@ class TensorTransform(Operation):
         return replace(previous_state, jit_mode=False), None
 
 
-def pca_lighting(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """AlexNet's colour augmentation for normalised (B, 3, H, W) batches: each image gets
-    sum_i p_i * alpha_i * lambda_i added to every pixel, alpha_i ~ N(0, std) drawn per image, p_i and
-    lambda_i ImageNet's RGB eigenvectors and eigenvalues (pixels in 0..1), divided by the
-    normalisation's std to land on the batch's scale."""
-    to_normalised = torch.tensor(255 / IMAGENET_STD, dtype=torch.float32)
-
-    def add_lighting(images: torch.Tensor) -> torch.Tensor:
-        alpha = torch.randn(images.shape[0], 3) * std
-        rgb_offset = (alpha * IMAGENET_PCA_EIGENVALUES) @ IMAGENET_PCA_EIGENVECTORS.T
-        offset = (rgb_offset * to_normalised).to(device=images.device, dtype=images.dtype)
-        return images.add_(offset[:, :, None, None])
-
-    return add_lighting
-
-
 def normalize_on_device(
     device: torch.device, dtype: torch.dtype, channels_last: bool
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -198,12 +175,13 @@ def make_train_loader(
     if order == "quasi_random" and distributed:
         # FFCV 1.0.2's QuasiRandom raises NotImplementedError for distributed loaders.
         raise ValueError("train.order quasi_random takes one worker: FFCV 1.0.2 cannot split it across workers")
-    decoder = RandomResizedCropRGBImageDecoder((resolution, resolution), scale=(crop_min_scale, 1))
-    image_pipeline = _image_pipeline(decoder, [RandomHorizontalFlip()], device, channels_last, dtype)
+    key = AugmentationKey(seed)
+    decoder = KeyedRandomResizedCrop(key, (resolution, resolution), scale=(crop_min_scale, 1))
+    image_pipeline = _image_pipeline(decoder, [KeyedHorizontalFlip(key)], device, channels_last, dtype)
     if pca_lighting_std > 0:
-        image_pipeline.append(TensorTransform(pca_lighting(pca_lighting_std)))
+        image_pipeline.append(KeyedPCALighting(key, pca_lighting_std))
     loader = _loader(beton, image_pipeline, device, batch_size, num_threads, distributed, os_cache=os_cache,
-                     order=ORDERS[order], seed=seed, drop_last=True)
+                     order=ORDERS[order], seed=seed, drop_last=True, loader_class=KeyedLoader, key=key)
     if order == "quasi_random":
         # FFCV 1.0.2's Loader takes no order class of one's own (its isinstance test fails for a class).
         loader.traversal_order = ReplayableQuasiRandom(loader)
@@ -299,9 +277,9 @@ def _image_pipeline(
 
 def _loader(
     beton: Path, image_pipeline: list[Operation], device: torch.device, batch_size: int, num_threads: int,
-    distributed: bool, **options,
+    distributed: bool, loader_class: type[Loader] = Loader, **options,
 ) -> Loader:
-    return Loader(
+    return loader_class(
         str(beton), batch_size=batch_size, num_workers=num_threads, distributed=distributed,
         pipelines={"image": image_pipeline, "label": _label_pipeline(device)}, **options,
     )

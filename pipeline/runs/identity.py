@@ -21,14 +21,15 @@ import models
 from pipeline.config import Params, Recipe
 from pipeline.data.dataset import Dataset
 
-RUN_FORMAT = 1
+# 2: augmentation drawn from keys of (seed, epoch, sample) instead of unseeded thread-local state.
+RUN_FORMAT = 2
 
 # Which recipe keys a run depends on: these always; the schedule's own; the GPU-only ones on GPUs; and
 # the keys models.recipe_keys(model) names (dropout, alexnet_groups, alexnet_init).
 COMMON_RECIPE_KEYS = ("batch_size", "lr", "momentum", "weight_decay", "schedule", "label_smoothing",
                       "resolution", "crop_min_scale", "pca_lighting_std", "decay_norm_and_bias", "order")
 SCHEDULE_KEYS = {"plateau": ("plateau_patience",), "step": ("step_size", "step_gamma"), "cosine": ()}
-GPU_ONLY_KEYS = ("amp", "channels_last", "amp_dtype")
+GPU_ONLY_KEYS = ("amp", "channels_last", "amp_dtype", "deterministic")
 
 
 def weight_keys(model: str, schedule: str, use_gpu: bool) -> tuple[str, ...]:

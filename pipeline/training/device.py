@@ -4,6 +4,7 @@ the GPU's speed settings, and its peak FLOP/s for the model FLOP utilisation (MF
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from dataclasses import dataclass
 
@@ -44,10 +45,10 @@ class Device:
         torch.set_num_threads(threads)
         if on_gpu:
             _check_amp_dtype(device, use_amp, amp_dtype)
-            # Every training batch has one shape: cuDNN times its algorithms for it once and keeps the fastest.
-            torch.backends.cudnn.benchmark = True
-            # TF32 tensor cores for float32 matmuls; cuDNN's convolutions use them by default.
+            # TF32 tensor cores for float32 matmuls; cuDNN's convolutions use them by default. TF32 rounds
+            # the same way every time: it costs no reproducibility.
             torch.set_float32_matmul_precision("high")
+            _choose_gpu_kernels(recipe.deterministic)
         peak = gpu_peak_flops(device, use_amp) if on_gpu else None
         return cls(device, use_amp, amp_dtype, on_gpu and recipe.channels_last, peak)
 
@@ -82,6 +83,26 @@ def training_flops_per_image(spec: RunSpec) -> float:
     groups = spec.recipe.alexnet_groups if "alexnet_groups" in models.recipe_keys(spec.model) else None
     table = layer_table(spec.model, spec.recipe.resolution, num_classes=spec.num_classes, groups=groups)
     return TRAINING_FLOPS_PER_MAC * table.total_macs
+
+
+def _choose_gpu_kernels(deterministic: bool) -> None:
+    """The fastest kernels, or (train.deterministic) ones that give the same result on every run."""
+    if not deterministic:
+        # Every training batch has one shape: cuDNN times its algorithms for it once and keeps the
+        # fastest, which may differ from run to run, as may the order in which atomic adds (some
+        # convolutions' weight gradients, AdaptiveAvgPool2d's backward) sum.
+        torch.backends.cudnn.benchmark = True
+        return
+    # cuBLAS reduces in a fixed order only with a fixed workspace; it reads the variable when it creates
+    # its handle, at this process's first matmul, which comes later.
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    # warn_only: AdaptiveAvgPool2d's CUDA backward (the VGG/AlexNet models' pooling to the classifier's
+    # side) has no deterministic version and would stop the run; torch warns instead. Where the feature map
+    # divides into the pooled side (the papers' input sizes) every input gradient gets one add, so its
+    # atomic adds still sum the same way.
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def _check_amp_dtype(device: torch.device, use_amp: bool, amp_dtype: torch.dtype) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import shutil
 import subprocess
@@ -258,7 +257,6 @@ def test_dvc_runs_the_data_stages_from_the_archives_and_sees_one_replaced(downlo
         assert hashlib.sha256((repo / "data" / "beton" / f"{split}.beton").read_bytes()).hexdigest() == digest
     # Not a single image file written on the way, in the project or in the temporary folder.
     assert image_files(repo) == [] and image_files(scratch) == [] and image_files(root) == []
-    assert json.loads(dvc(repo, "status", "--json", "preprocess", env=env)) == {"source": ["always changed"]}
     assert ran(dvc(repo, "repro", "preprocess", env=env)) == {"source"}
 
     replace_last_val_image(root)

@@ -185,7 +185,7 @@ def test_the_alexnet2012_preset_as_one_job_lands_in_the_project(cluster, trackin
     job = subprocess.run(["bash", "-c", command], cwd=project, env=cluster.env, capture_output=True, text=True,
                          timeout=1100)
     assert job.returncode == 0, job.stdout + job.stderr
-    assert ran(job.stdout) == {"prepare", "preprocess", "train@alexnet2012", "evaluate@alexnet2012", "ensemble"}
+    assert ran(job.stdout) == {"source", "prepare", "preprocess", "train@alexnet2012", "evaluate@alexnet2012", "ensemble"}
     assert "Training 2 members, 2 at a time" in job.stdout
     # Each stage is a Ray job of its own: the train stage's two workers, and the ensemble's two members,
     # ran one on each node.

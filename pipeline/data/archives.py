@@ -214,7 +214,7 @@ def _tar_members(window: _Window, where: str) -> list[tarfile.TarInfo]:
             members = tar.getmembers()
             end = tar.offset
     except tarfile.ReadError as error:
-        raise DataError(f"{where}: not a readable tar ({error})") from None
+        raise DataError(f"{where}: not a whole, readable tar ({error}): a truncated or damaged download?") from None
     for member in members:
         if member.offset_data + member.size > window.size:
             raise DataError(f"{where}: truncated in member {member.name} ({window.size} bytes)")

@@ -81,7 +81,7 @@ def ilsvrc_members(root: Path) -> tuple[dict[str, list[Member]], dict[str, list[
     meta, ground_truth = _devkit_files(root / DEVKIT)
     wnid_of_id = read_devkit_meta(io.BytesIO(meta), f"{root / DEVKIT}:{DEVKIT_META}")
     ignored: list[Ignored] = []
-    train = _train_members(root / TRAIN_TAR, ignored)
+    train = train_members(root / TRAIN_TAR, ignored)
     val_images = [member for member in _flat_members(root / VAL_TAR, ignored)]
     val_images.sort(key=lambda member: member.name)
     ids = ground_truth.decode("ascii", "replace").split()
@@ -229,7 +229,8 @@ def _is_image_name(name: str) -> bool:
     return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _train_members(path: Path, ignored: list[Ignored]) -> dict[str, list[Member]]:
+def train_members(path: Path, ignored: list[Ignored]) -> dict[str, list[Member]]:
+    """The images of each per-class tar in the ILSVRC-2012 train archive at `path`, by WNID, sorted by name."""
     by_class: dict[str, list[Member]] = {}
     with path.open("rb") as file:
         fd = file.fileno()

@@ -85,6 +85,9 @@ def prepare(params: DataParams, out: Path) -> PreparedDataset:
     if params.source == "webdataset":
         dataset, ignored = read_shards(params, root)
     elif params.source == "imagenet" and archives.is_ilsvrc_download(root):
+        if params.val_ground_truth is not None:
+            raise DataError(f"{root}: holds the ILSVRC-2012 archives, whose devkit {archives.DEVKIT} labels val; "
+                            "data.val_ground_truth and data.devkit_meta are for an extracted tree: set them null")
         dataset, ignored = read_ilsvrc_archives(root)
     else:
         dataset = read_tree(root, _devkit_path(root, params.val_ground_truth), _devkit_path(root, params.devkit_meta))

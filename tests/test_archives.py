@@ -261,3 +261,15 @@ def test_dvc_runs_the_data_stages_from_the_archives_and_sees_one_replaced(downlo
 
     replace_last_val_image(root)
     assert ran(dvc(repo, "repro", "preprocess", env=env)) == {"source", "prepare", "preprocess"}
+
+
+def test_shard_settings_belong_to_the_webdataset_source():
+    with pytest.raises(ValueError, match="data.train_shards is for data.source webdataset, not 'imagenet'"):
+        DataParams.model_validate(data_params("/data").model_dump() | {"train_shards": "*-train-*.tar"})
+
+
+def test_the_archives_with_devkit_keys_set_are_refused(download, tmp_path):
+    params = DataParams.model_validate(data_params(download["archives"]).model_dump() | {
+        "val_ground_truth": GROUND_TRUTH, "devkit_meta": "devkit/meta.mat"})
+    with pytest.raises(DataError, match="for an extracted tree: set them null"):
+        prepare(params, tmp_path / "prepared")

@@ -8,7 +8,9 @@ check, resize, encode) and one in-order writer. The two alternate within each ro
 goes second in the next round), so a burst of other work on a shared machine hits both; figures are
 medians over the rounds, with their range. The stage's worker pool is started and warmed before the
 timed rounds, as a stage run starts it once for both splits; DatasetWriter forks its processes
-inside its timed call (milliseconds). A third row writes the papers' preparation (short side 256,
+inside its timed call (milliseconds). A third run writes the same JPEGs read from a tar of per-class
+tars (ILSVRC2012_img_train.tar's layout) by offset, as the stage does with ImageNet as downloaded. A
+fourth row writes the papers' preparation (short side 256,
 long side up to 512), which stores larger images: not like for like, for the record.
 
 Then, once, the costs that bound the scaling: one image's decode + check + resize + encode in one
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,13 +47,15 @@ from sklearn.datasets import load_sample_images
 
 from pipeline.config import PreprocessParams
 from pipeline.data.beton import CHUNK, BetonWriter, page_size, worker_pool, write_beton
+from pipeline.data.archives import train_members
 from pipeline.data.dataset import file_sha256
-from pipeline.data.images import ImageStorage, store_images
+from pipeline.data.images import ArchiveMember, ImageStorage, store_images
 
 SOURCE_SIZE = (500, 375)  # width, height: a common ILSVRC-2012 shape
 JPEG_QUALITY = 90
 MAX_RESOLUTION = 256
 PAPERS = "stage, papers' short side 256"
+ARCHIVE = "stage, from the archive"
 
 
 def write_photos(folder: Path, classes: int, per_class: int, seed: int = 0) -> list[Path]:
@@ -75,6 +80,22 @@ def write_photos(folder: Path, classes: int, per_class: int, seed: int = 0) -> l
             paths.append(folder / f"class_{label:04d}" / f"{index}.JPEG")
             Image.fromarray(pixels).save(paths[-1], quality=JPEG_QUALITY)
     return paths
+
+
+def write_train_archive(path: Path, paths: list[Path]) -> list[ArchiveMember]:
+    """The photos as ILSVRC2012_img_train.tar holds its images (a tar of per-class tars, written
+    class by class through a temporary inner tar, deleted after); returns them as indexed, in the
+    order of `paths`."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as outer:
+        for class_dir in sorted({image.parent for image in paths}):
+            inner = path.with_name(f"{class_dir.name}.tar")
+            with tarfile.open(inner, "w", format=tarfile.GNU_FORMAT) as class_tar:
+                for image in sorted(class_dir.iterdir()):
+                    class_tar.add(image, arcname=image.name)
+            outer.add(inner, arcname=inner.name)
+            inner.unlink()
+    by_name = {member.name: member for members in train_members(path, []).values() for member in members}
+    return [by_name[f"{image.parent.name}.tar/{image.name}"] for image in paths]
 
 
 class PilImages:
@@ -126,8 +147,10 @@ def timed(write: Callable[[], object], beton: Path) -> float:
     return seconds
 
 
-def compare(paths: list[Path], labels: list[int], workers: int, rounds: int, scratch: Path) -> dict[str, list[float]]:
-    """images/s of each writer in each round, alternating which goes first."""
+def compare(paths: list[Path], members: list[ArchiveMember], labels: list[int], workers: int, rounds: int,
+            scratch: Path) -> dict[str, list[float]]:
+    """images/s of each writer in each round, alternating which of the first two goes first; the
+    stage reads the same JPEGs once as files and once from the train archive."""
     beton = scratch / "out.beton"
     like_for_like, papers = stage_params(workers), stage_params(workers, short_side=256, max_resolution=512)
     with worker_pool(like_for_like) as pool:
@@ -135,6 +158,7 @@ def compare(paths: list[Path], labels: list[int], workers: int, rounds: int, scr
         runs = {
             "stage": lambda: write_beton(beton, paths, labels, like_for_like, pool=pool),
             "ffcv": lambda: ffcv_write(beton, paths, labels, workers),
+            ARCHIVE: lambda: write_beton(beton, members, labels, like_for_like, pool=pool),
             PAPERS: lambda: write_beton(beton, paths, labels, papers, pool=pool),
         }
         rates: dict[str, list[float]] = {name: [] for name in runs}
@@ -204,6 +228,12 @@ def summary(rates: list[float]) -> str:
     return f"{statistics.median(rates):,.0f} ({min(rates):,.0f} - {max(rates):,.0f})"
 
 
+def ratio(ours: list[float], theirs: list[float]) -> str:
+    """Median (range) of the per-round ratios."""
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f} - {max(ratios):.2f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classes", type=int, default=200)
@@ -216,19 +246,20 @@ def main() -> None:
         scratch = Path(scratch_name)
         paths = write_photos(scratch / "photos", args.classes, args.per_class)
         labels = [label for label in range(args.classes) for _ in range(args.per_class)]
-        results = {workers: compare(paths, labels, workers, args.rounds, scratch) for workers in args.workers}
+        members = write_train_archive(scratch / "ILSVRC2012_img_train.tar", paths)
+        results = {workers: compare(paths, members, labels, workers, args.rounds, scratch) for workers in args.workers}
         measured = costs(paths, labels, max(args.workers), scratch)
 
     print(f"\n{len(paths)} photo-like {SOURCE_SIZE[0]}x{SOURCE_SIZE[1]} q{JPEG_QUALITY} JPEGs in {args.classes} "
           f"classes; proportion 0.5, q{JPEG_QUALITY}, max_resolution {MAX_RESOLUTION}; median (range) of "
           f"{args.rounds} rounds; {os.cpu_count()} CPUs\n")
-    print("| workers | stage img/s | FFCV DatasetWriter img/s | stage / FFCV | stage, short side 256 img/s |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| workers | stage img/s | FFCV DatasetWriter img/s | stage / FFCV | stage from the archive img/s | "
+          "archive / files | stage, short side 256 img/s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for workers, rates in results.items():
-        ratios = [ours / theirs for ours, theirs in zip(rates["stage"], rates["ffcv"])]
         print(f"| {workers} | {summary(rates['stage'])} | {summary(rates['ffcv'])} | "
-              f"{statistics.median(ratios):.2f}x ({min(ratios):.2f} - {max(ratios):.2f}) | "
-              f"{summary(rates[PAPERS])} |")
+              f"{ratio(rates['stage'], rates['ffcv'])} | {summary(rates[ARCHIVE])} | "
+              f"{ratio(rates[ARCHIVE], rates['stage'])} | {summary(rates[PAPERS])} |")
     print(f"\nper image, one worker process (decode + check + resize + encode): {measured['worker_ms']:.2f} ms CPU"
           f"\nper image, the writing process during a {max(args.workers)}-worker write (receive + copy): "
           f"{measured['writer_cpu_ms']:.3f} ms CPU"

@@ -28,10 +28,14 @@ class Section(BaseModel):
 
 
 class DataParams(Section):
-    source: Literal["digits", "imagenet", "folder"]
+    source: Literal["digits", "imagenet", "folder", "webdataset"]
     root: str | None
     val_ground_truth: str | None
     devkit_meta: str | None
+    # webdataset only (pipeline/data/archives.py); defaulted so that params files written before them load.
+    train_shards: str | None = None  # glob relative to root; null: *train*.tar
+    val_shards: str | None = None  # null: *val*.tar
+    class_names: str | None = None  # one name per line, line i naming label i; null: the labels
     digits_image_size: int = Field(ge=32, le=1024)
     digits_val_fraction: float = Field(gt=0, lt=1)
     seed: int = Field(ge=0)
@@ -42,6 +46,9 @@ class DataParams(Section):
             raise ValueError(f"data.root is required when data.source is {self.source!r}")
         if (self.val_ground_truth is None) != (self.devkit_meta is None):
             raise ValueError("data.val_ground_truth and data.devkit_meta go together: set both or neither")
+        shard_keys = [key for key in ("train_shards", "val_shards", "class_names") if getattr(self, key) is not None]
+        if shard_keys and self.source != "webdataset":
+            raise ValueError(f"data.{shard_keys[0]} is for data.source webdataset, not {self.source!r}")
         return self
 
 

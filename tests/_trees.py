@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +67,50 @@ def jpeg_bytes(seed: int, size=(40, 30)) -> bytes:
     buffer = io.BytesIO()
     photo(*size, seed).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
+
+
+# ILSVRC-2012 as downloaded, and webdataset shards, made from an extracted tree (the same bytes).
+TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
+
+
+def add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+def tar_bytes(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        for name, data in files.items():
+            add_bytes(archive, name, data)
+    return buffer.getvalue()
+
+
+def ilsvrc_archives(tree: Path, out: Path, ground_truth: Path, meta: Path) -> Path:
+    """The three files image-net.org serves, holding tree/train/<WNID>/* (a tar of per-class tars) and
+    the flat tree/val/* (a flat tar), and the devkit tar.gz with meta.mat and the ground truth."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(out / TRAIN_TAR, "w", format=tarfile.GNU_FORMAT) as train:
+        for class_dir in sorted((tree / "train").iterdir()):
+            add_bytes(train, f"{class_dir.name}.tar",
+                      tar_bytes({path.name: path.read_bytes() for path in sorted(class_dir.iterdir())}))
+    (out / VAL_TAR).write_bytes(tar_bytes({path.name: path.read_bytes() for path in sorted((tree / "val").iterdir())}))
+    with tarfile.open(out / DEVKIT, "w:gz", format=tarfile.GNU_FORMAT) as devkit:
+        add_bytes(devkit, "ILSVRC2012_devkit_t12/COPYING", b"devkit licence\n")
+        add_bytes(devkit, "ILSVRC2012_devkit_t12/data/meta.mat", meta.read_bytes())
+        add_bytes(devkit, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", ground_truth.read_bytes())
+    return out
+
+
+def webdataset_shards(samples: dict[str, list[tuple[Path, int]]], out: Path) -> Path:
+    """out/<name>.tar holding <file stem>.jpg + <file stem>.cls per (image file, label), for
+    {shard name: [(file, label)]}."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, files in samples.items():
+        members = {}
+        for path, label in files:
+            members[f"{path.stem}.jpg"] = path.read_bytes()
+            members[f"{path.stem}.cls"] = f"{label}\n".encode()
+        (out / f"{name}.tar").write_bytes(tar_bytes(members))
+    return out

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import PROJECT_ROOT, load_params
 from pipeline.runs.store import RAY_SNAPSHOT, RESULT_MARKER, RESULT_WEIGHTS
 from pipeline.storage.location import Location
-from tests._trees import WNIDS, class_folder_tree, flat_val_with_devkit
+from tests._trees import WNIDS, class_folder_tree, flat_val_with_devkit, ilsvrc_archives
 from tests.cluster import LocalCluster, mlflow_server, s3_server, wait_until
 from tests.conftest import (
     FAST_MODEL,
@@ -158,26 +158,26 @@ ON_THIS_MACHINE = {
 }
 
 
-def imagenet_shaped_tree(root: Path) -> Path:
-    """ILSVRC-2012's layout: train/<wnid>/ folders, a flat val/ labelled by the devkit's ground-truth file
-    and meta.mat, photo-sized JPEGs."""
-    class_folder_tree(root, {"train": {wnid: TRAIN_PER_CLASS for wnid in WNIDS}}, size=PHOTO)
+def imagenet_download(root: Path) -> Path:
+    """ILSVRC-2012 as downloaded (root/ILSVRC2012_img_train.tar, a tar of per-class tars; the flat
+    ILSVRC2012_img_val.tar; the devkit tar.gz), of photo-sized JPEGs; their extracted tree beside it."""
+    tree = class_folder_tree(root.with_name(f"{root.name}-extracted"),
+                             {"train": {wnid: TRAIN_PER_CLASS for wnid in WNIDS}}, size=PHOTO)
     val_wnids = [WNIDS[index % len(WNIDS)] for index in range(VAL_PER_CLASS * len(WNIDS))]
-    flat_val_with_devkit(root, val_wnids, WNIDS, size=PHOTO)
-    return root
+    return ilsvrc_archives(tree, root, *flat_val_with_devkit(tree, val_wnids, WNIDS, size=PHOTO))
 
 
 @pytest.mark.timeout(1200)
 def test_the_alexnet2012_preset_as_one_job_lands_in_the_project(cluster, tracking, tmp_path):
     """The README's ImageNet and cluster sections together: a preset copied to params.yaml, its data.root
-    set, and the whole pipeline submitted as one Ray job over both nodes, on an ImageNet-shaped tree."""
+    set, and the whole pipeline submitted as one Ray job over both nodes, on ImageNet-shaped archives."""
     readme = (PROJECT_ROOT / "README.md").read_text()
     assert README_PIPELINE_JOB in readme and README_AFTERWARDS in readme
-    tree = imagenet_shaped_tree(tmp_path / "ILSVRC2012")
+    download = imagenet_download(tmp_path / "ILSVRC2012")
     project = clean_copy(tmp_path / "project", {})
     shutil.copy(PROJECT_ROOT / PRESET, project / "params.yaml")
-    # The preset's relative devkit paths hold: only the root and the machine-size keys change.
-    change_params(project, ON_THIS_MACHINE | {"data": {"root": str(tree)}})
+    # The preset reads the archives as downloaded: only the root and the machine-size keys change.
+    change_params(project, ON_THIS_MACHINE | {"data": {"root": str(download)}})
     params = load_params(project / "params.yaml")
     command = README_PIPELINE_JOB.replace("127.0.0.1:8265", cluster.dashboard.removeprefix("http://"))
     command = command.replace("http://HEAD_IP:5000", tracking)
@@ -185,7 +185,7 @@ def test_the_alexnet2012_preset_as_one_job_lands_in_the_project(cluster, trackin
     job = subprocess.run(["bash", "-c", command], cwd=project, env=cluster.env, capture_output=True, text=True,
                          timeout=1100)
     assert job.returncode == 0, job.stdout + job.stderr
-    assert ran(job.stdout) == {"prepare", "preprocess", "train@alexnet2012", "evaluate@alexnet2012", "ensemble"}
+    assert ran(job.stdout) == {"source", "prepare", "preprocess", "train@alexnet2012", "evaluate@alexnet2012", "ensemble"}
     assert "Training 2 members, 2 at a time" in job.stdout
     # Each stage is a Ray job of its own: the train stage's two workers, and the ensemble's two members,
     # ran one on each node.

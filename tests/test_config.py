@@ -39,7 +39,7 @@ def test_shipped_params_are_valid():
         ("ensemble", "combine", "median", "ensemble.combine: got 'median'; allowed: 'softmax' or 'logits'"),
         ("preprocess", "jpeg_quality", 101, "preprocess.jpeg_quality: Input should be less than or equal to 100"),
         ("preprocess", "write_mode", "png", "preprocess.write_mode: got 'png'"),
-        ("data", "source", "cifar", "data.source: got 'cifar'; allowed: 'digits', 'imagenet' or 'folder'"),
+        ("data", "source", "cifar", "data.source: got 'cifar'; allowed: 'digits', 'imagenet', 'folder' or 'webdataset'"),
         ("data", "source", "imagenet", "data.root is required when data.source is 'imagenet'"),
         ("data", "val_ground_truth", "gt.txt", "data.val_ground_truth and data.devkit_meta go together"),
         ("preprocess", "seed", -1, "preprocess.seed: Input should be greater than or equal to 0"),

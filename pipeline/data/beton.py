@@ -70,7 +70,7 @@ from tqdm import tqdm
 from pipeline.config import PreprocessParams
 from pipeline.data.dataset import FILE_NAME as DATASET_FILE
 from pipeline.data.dataset import SPLITS, BetonFile, Dataset, file_sha256
-from pipeline.data.images import ImageCheck, ImageStorage, StoredImage, store_images
+from pipeline.data.images import ImageCheck, ImageSource, ImageStorage, StoredImage, store_images
 from pipeline.data.tree import PreparedDataset
 from pipeline.errors import DataError
 from pipeline.storage import atomic
@@ -139,7 +139,7 @@ def preprocess(prepared: PreparedDataset, out: Path, params: PreprocessParams) -
 
 def write_beton(
     path: Path,
-    images: Sequence[Path],
+    images: Sequence[ImageSource],
     labels: Sequence[int],
     params: PreprocessParams,
     pool: ProcessPoolExecutor | None = None,
@@ -269,7 +269,7 @@ class BetonWriter:
 
 
 def _stored_images(
-    pool: ProcessPoolExecutor, images: Sequence[Path], params: PreprocessParams
+    pool: ProcessPoolExecutor, images: Sequence[ImageSource], params: PreprocessParams
 ) -> Iterator[StoredImage]:
     """images.store_images over `images`, CHUNK files a task, yielded in order; at most
     IN_FLIGHT_PER_WORKER tasks per worker are pending, so memory stays bounded whatever the count."""
@@ -313,7 +313,7 @@ def page_size(params: PreprocessParams) -> int:
 
 
 def _too_many_unusable(
-    name: str, images: Sequence[Path], checks: list[ImageCheck], max_fraction: float
+    name: str, images: Sequence[ImageSource], checks: list[ImageCheck], max_fraction: float
 ) -> DataError:
     """The error for a split whose unusable files passed the threshold among the first len(checks)."""
     unusable = [(image, check.skip_reason) for image, check in zip(images, checks) if check.skip_reason]

@@ -4,6 +4,10 @@ converted to RGB uint8, resized, and stored as JPEG or raw pixels.
 This runs in the preprocess stage's worker processes (pipeline/data/beton.py), so it imports neither
 FFCV nor torch: a spawned worker would spend seconds importing them (FFCV: ~4 s on the 2-core VM).
 
+Reading: a file of a tree is read whole; an image inside an archive (ArchiveMember: ILSVRC-2012 as
+downloaded, webdataset shards) is read with os.pread at its offset, from a descriptor each worker
+process opens once per archive, so no image file is ever written and no archive is opened per image.
+
 Decoding and conversion (load_rgb), to a C-contiguous uint8 H x W x 3 array:
   RGB                                   kept as is
   L, LA, RGBA, P, PA, CMYK, 1, ...      converted to RGB with PIL's convert("RGB"), the conversion
@@ -37,9 +41,10 @@ manifest), so it does not depend on which process stores the file or on other fi
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import cv2
 import numpy as np
@@ -50,6 +55,29 @@ JPEG_EXTENSIONS = frozenset({".jpg", ".jpeg"})
 # Reseeded for every draw: np.random.seed's generator, without the ~0.1 ms a new RandomState costs.
 # One per process; each worker process calls store_images from one thread.
 _PROPORTION_DRAWS = np.random.RandomState()
+# Archive path -> descriptor, opened on first use and kept for the process's life (a worker reads the
+# same few archives for a whole split); os.pread needs no seek, so the descriptor holds no position.
+_ARCHIVES: dict[Path, int] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveMember:
+    """An image stored in an archive: `size` bytes at `offset` of `archive`; `name` is its path in it."""
+
+    archive: Path
+    name: str
+    offset: int
+    size: int
+
+    def __str__(self) -> str:
+        return f"{self.archive}/{self.name}"
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.name).suffix
+
+
+ImageSource = Path | ArchiveMember
 
 
 class UnusableImage(Exception):
@@ -89,13 +117,25 @@ class StoredImage:
     data: bytes = b""
 
 
-def load_rgb(path: Path, max_resolution: int, short_side: int | None = None) -> tuple[np.ndarray, ImageCheck]:
-    """The pixels stored for `path` before any JPEG encoding: uint8 H x W x 3, converted and resized
-    by the rules of the module docstring. Raises UnusableImage."""
+def read_image_bytes(source: ImageSource) -> bytes:
+    """The bytes of a file, or of an archive member. Raises UnusableImage."""
     try:
-        data = path.read_bytes()
+        if isinstance(source, Path):
+            return source.read_bytes()
+        if source.archive not in _ARCHIVES:
+            _ARCHIVES[source.archive] = os.open(source.archive, os.O_RDONLY)
+        data = os.pread(_ARCHIVES[source.archive], source.size, source.offset)
     except OSError as error:
         raise UnusableImage(f"cannot be read: {error}") from None
+    if len(data) != source.size:
+        raise UnusableImage(f"cannot be read: {len(data)} of its {source.size} bytes left in {source.archive}")
+    return data
+
+
+def load_rgb(path: ImageSource, max_resolution: int, short_side: int | None = None) -> tuple[np.ndarray, ImageCheck]:
+    """The pixels stored for `path` (a file or an archive member) before any JPEG encoding: uint8
+    H x W x 3, converted and resized by the rules of the module docstring. Raises UnusableImage."""
+    data = read_image_bytes(path)
     if not data:
         raise UnusableImage("empty file (0 bytes)")
     try:
@@ -123,12 +163,12 @@ def load_rgb(path: Path, max_resolution: int, short_side: int | None = None) -> 
     return pixels, ImageCheck(conversion=conversion, resized_from=(width, height))
 
 
-def store_images(paths: Sequence[Path], first_position: int, storage: ImageStorage) -> list[StoredImage]:
+def store_images(paths: Sequence[ImageSource], first_position: int, storage: ImageStorage) -> list[StoredImage]:
     """The stored sample of each path; paths[i] is at `first_position + i` in its manifest."""
     return [_store_image(path, first_position + offset, storage) for offset, path in enumerate(paths)]
 
 
-def _store_image(path: Path, position: int, storage: ImageStorage) -> StoredImage:
+def _store_image(path: ImageSource, position: int, storage: ImageStorage) -> StoredImage:
     try:
         pixels, check = load_rgb(path, storage.max_resolution, storage.short_side)
     except UnusableImage as error:

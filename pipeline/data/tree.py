@@ -1,6 +1,7 @@
 """Image trees on disk -> the manifests the preprocess stage reads (the prepare stage).
 
-Layouts read (data.source "imagenet" and "folder" read the same layouts):
+Layouts read (data.source "imagenet" and "folder" read the same layouts; "imagenet" also the three
+ILSVRC-2012 files as downloaded, and "webdataset" tar shards: pipeline/data/archives.py):
   class folders   root/train/<class>/<image>, root/val/<class>/<image>; <class> is a WNID for ImageNet.
   ILSVRC-2012 val root/val/ILSVRC2012_val_XXXXXXXX.JPEG directly in val/, labelled by the devkit's
                   ILSVRC2012_validation_ground_truth.txt (one ILSVRC2012_ID per line, in file-name order)
@@ -16,7 +17,11 @@ Prepared folder (what prepare writes and read_prepared reads):
                     folder itself ("images" for digits) or absolute (an ImageNet tree). Labels are the
                     positions of the sorted train class names.
   train.csv, val.csv  header "path,label", one image per row: path relative to ROOT with "/" separators,
-                    label an int; rows sorted by label, then path.
+                    label an int; rows sorted by label, then path. Images inside archives (ILSVRC-2012
+                    as downloaded, webdataset shards: pipeline/data/archives.py) add the columns
+                    "archive,offset,size": the archive relative to ROOT, the byte offset of the image's
+                    data in it and its size; their path is <archive>/<member>.
+  ignored.csv       only when archive members were passed over as not images: header "path,reason"
 """
 
 from __future__ import annotations
@@ -25,29 +30,34 @@ import csv
 import json
 import os
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 from PIL import Image
 
 from pipeline.config import DataParams
+from pipeline.data import archives
+from pipeline.data.archives import IMAGE_EXTENSIONS, Ignored, label_flat_val, read_devkit_meta
 from pipeline.data.dataset import SPLITS
+from pipeline.data.images import ArchiveMember
 from pipeline.errors import DataError
 from pipeline.storage import atomic
 
-# torchvision's ImageFolder list; compared lower-case so ImageNet's ".JPEG" matches.
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"})
 DIGITS_IMAGES = "images"
+IGNORED_FILE = "ignored.csv"
 # Fixed encoder settings: Pillow writes no timestamps, so the same params give the same bytes.
 DIGITS_JPEG_QUALITY = 95
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: one per image, 1.33 million for ILSVRC-2012
 class Sample:
-    path: str  # relative to the dataset root, "/"-separated
+    path: str  # relative to the dataset root, "/"-separated; for an archive member <archive>/<member>
     label: int
+    archive: str | None = None  # relative to the dataset root; None for a file of a tree
+    offset: int = 0  # of the member's bytes in the archive
+    size: int = 0
 
 
 @dataclass(frozen=True)
@@ -56,8 +66,11 @@ class PreparedDataset:
     classes: list[str]
     splits: dict[str, list[Sample]]
 
-    def image_path(self, sample: Sample) -> Path:
-        return self.root / sample.path
+    def image_path(self, sample: Sample) -> Path | ArchiveMember:
+        if sample.archive is None:
+            return self.root / sample.path
+        member = sample.path[len(sample.archive) + 1 :]
+        return ArchiveMember(self.root / sample.archive, member, sample.offset, sample.size)
 
 
 def prepare(params: DataParams, out: Path) -> PreparedDataset:
@@ -65,9 +78,35 @@ def prepare(params: DataParams, out: Path) -> PreparedDataset:
     if params.source == "digits":
         return _publish(out, lambda folder: _write_digits_tree(params, folder / DIGITS_IMAGES))
     root = Path(params.root).resolve()
-    # Read the whole tree before writing anything, so every layout error comes first.
-    dataset = read_tree(root, _devkit_path(root, params.val_ground_truth), _devkit_path(root, params.devkit_meta))
-    return _publish(out, lambda folder: dataset)
+    if not root.is_dir():
+        raise DataError(f"{root}: data root not found")
+    # Read the whole tree or every archive before writing anything, so every layout error comes first.
+    ignored: list[Ignored] = []
+    if params.source == "webdataset":
+        dataset, ignored = read_shards(params, root)
+    elif params.source == "imagenet" and archives.is_ilsvrc_download(root):
+        if params.val_ground_truth is not None:
+            raise DataError(f"{root}: holds the ILSVRC-2012 archives, whose devkit {archives.DEVKIT} labels val; "
+                            "data.val_ground_truth and data.devkit_meta are for an extracted tree: set them null")
+        dataset, ignored = read_ilsvrc_archives(root)
+    else:
+        dataset = read_tree(root, _devkit_path(root, params.val_ground_truth), _devkit_path(root, params.devkit_meta))
+    return _publish(out, lambda folder: dataset, ignored)
+
+
+def read_ilsvrc_archives(root: Path) -> tuple[PreparedDataset, list[Ignored]]:
+    """Index the three ILSVRC-2012 files in root (pipeline/data/archives.py) as read_tree the tree."""
+    train, val, ignored = archives.ilsvrc_members(root)
+    classes = sorted(train)
+    return _labelled(root, classes, train, val, str(root / archives.VAL_TAR), _member_sample), ignored
+
+
+def read_shards(params: DataParams, root: Path) -> tuple[PreparedDataset, list[Ignored]]:
+    """Index the webdataset shards in root (pipeline/data/archives.py)."""
+    by_label, ignored = archives.webdataset_members(params, root)
+    classes = archives.class_names(params, root, set(by_label["train"]) | set(by_label["val"]))
+    images = {split: {classes[label]: members for label, members in labels.items()} for split, labels in by_label.items()}
+    return _labelled(root, classes, images["train"], images["val"], f"{root} val shards", _member_sample), ignored
 
 
 def read_tree(root: Path, val_ground_truth: Path | None = None, devkit_meta: Path | None = None) -> PreparedDataset:
@@ -79,8 +118,6 @@ def read_tree(root: Path, val_ground_truth: Path | None = None, devkit_meta: Pat
         if not split_dir.is_dir():
             raise DataError(f"{split_dir}: missing (expected one folder per class, as in ILSVRC-2012)")
     train_images = _class_folders(train_dir)
-    classes = sorted(train_images)
-    label_of = {name: label for label, name in enumerate(classes)}
 
     val_subdirs, val_loose_images = _list_folder(val_dir)
     if val_subdirs and val_loose_images:
@@ -100,20 +137,28 @@ def read_tree(root: Path, val_ground_truth: Path | None = None, devkit_meta: Pat
         val_images = _class_folders(val_dir)
     else:
         raise DataError(f"{val_dir}: no images")
-    for name, paths in val_images.items():
-        if name not in label_of:
-            raise DataError(
-                f"{val_dir}: val class {name!r} (e.g. {paths[0]}) is not among the {len(classes)} train classes"
-            )
+    return _labelled(root, sorted(train_images), train_images, val_images, str(val_dir),
+                     lambda path, label: Sample(path.relative_to(root).as_posix(), label))
 
+
+def _labelled(root: Path, classes: list[str], train: dict[str, list], val: dict[str, list], val_where: str,
+              sample: Callable[[Any, int], Sample]) -> PreparedDataset:
+    """The dataset of {class name: images} per split: labels are positions in `classes`; rows sorted by
+    label, then path (one folder's files, or one archive's members, sort by name)."""
+    label_of = {name: label for label, name in enumerate(classes)}
+    for name, images in val.items():
+        if name not in label_of:
+            raise DataError(f"{val_where}: val class {name!r} (e.g. {images[0]}) is not among the {len(classes)} train classes")
     splits = {}
-    for split, images in (("train", train_images), ("val", val_images)):
-        splits[split] = [
-            Sample(path.relative_to(root).as_posix(), label_of[name])
-            for name in sorted(images, key=label_of.__getitem__)
-            for path in sorted(images[name])
-        ]
+    for split, images in (("train", train), ("val", val)):
+        samples = [sample(image, label_of[name]) for name, split_images in images.items() for image in split_images]
+        splits[split] = sorted(samples, key=lambda row: (row.label, row.path))
     return PreparedDataset(root=root, classes=classes, splits=splits)
+
+
+def _member_sample(member: ArchiveMember, label: int) -> Sample:
+    archive = member.archive.name  # archives lie directly in the data root
+    return Sample(f"{archive}/{member.name}", label, archive, member.offset, member.size)
 
 
 def read_prepared(folder: Path) -> PreparedDataset:
@@ -125,11 +170,16 @@ def read_prepared(folder: Path) -> PreparedDataset:
     splits = {}
     for split in SPLITS:
         with (folder / f"{split}.csv").open(newline="") as manifest:
-            splits[split] = [Sample(row["path"], int(row["label"])) for row in csv.DictReader(manifest)]
+            splits[split] = [
+                Sample(row["path"], int(row["label"]))
+                if not row.get("archive")
+                else Sample(row["path"], int(row["label"]), row["archive"], int(row["offset"]), int(row["size"]))
+                for row in csv.DictReader(manifest)
+            ]
     return PreparedDataset(root=(folder / index["root"]).resolve(), classes=index["classes"], splits=splits)
 
 
-def _publish(out: Path, build: Callable[[Path], PreparedDataset]) -> PreparedDataset:
+def _publish(out: Path, build: Callable[[Path], PreparedDataset], ignored: list[Ignored] = ()) -> PreparedDataset:
     """Build the prepared folder beside `out` and rename it into place, so that an interrupted run
     leaves nothing at `out` (a rerun clears the partial folder it left)."""
     out = out.resolve()  # so that a root inside the new folder is recognised whatever the caller's path
@@ -142,8 +192,17 @@ def _publish(out: Path, build: Callable[[Path], PreparedDataset]) -> PreparedDat
         for split, samples in dataset.splits.items():
             with (partial / f"{split}.csv").open("w", newline="") as manifest:
                 writer = csv.writer(manifest, lineterminator="\n")
-                writer.writerow(["path", "label"])
-                writer.writerows((sample.path, sample.label) for sample in samples)
+                if any(sample.archive for sample in samples):
+                    writer.writerow(["path", "label", "archive", "offset", "size"])
+                    writer.writerows((s.path, s.label, s.archive, s.offset, s.size) for s in samples)
+                else:
+                    writer.writerow(["path", "label"])
+                    writer.writerows((sample.path, sample.label) for sample in samples)
+        if ignored:
+            with (partial / IGNORED_FILE).open("w", newline="") as listing:
+                writer = csv.writer(listing, lineterminator="\n")
+                writer.writerow(["path", "reason"])
+                writer.writerows((item.where, item.reason) for item in ignored)
     return read_prepared(out)
 
 
@@ -203,39 +262,9 @@ def _class_folders(split_dir: Path) -> dict[str, list[Path]]:
 def _flat_val_by_class(
     val_dir: Path, images: list[Path], ground_truth: Path, devkit_meta: Path
 ) -> dict[str, list[Path]]:
-    """Label ILSVRC2012_val_*.JPEG as torchvision.datasets.ImageNet does: the ground-truth file's
-    n-th line holds the ILSVRC2012_ID of the n-th image in file-name order; meta.mat maps IDs to WNIDs."""
-    wnid_of_id = _read_devkit_meta(devkit_meta)
+    if not devkit_meta.is_file():
+        raise DataError(f"{devkit_meta}: devkit meta.mat not found (data.devkit_meta)")
+    wnid_of_id = read_devkit_meta(devkit_meta, str(devkit_meta))
     if not ground_truth.is_file():
         raise DataError(f"{ground_truth}: validation ground-truth file not found (data.val_ground_truth)")
-    ids = ground_truth.read_text().split()
-    if len(ids) != len(images):
-        raise DataError(
-            f"{ground_truth}: {len(ids)} labels, but {val_dir} holds {len(images)} images; "
-            "the file needs one ILSVRC2012_ID per image, in file-name order"
-        )
-    by_class: dict[str, list[Path]] = {}
-    for line_number, (ilsvrc_id, image) in enumerate(zip(ids, images), start=1):
-        if not ilsvrc_id.isdigit() or int(ilsvrc_id) not in wnid_of_id:
-            raise DataError(
-                f"{ground_truth}:{line_number}: {ilsvrc_id!r} is not an ILSVRC2012_ID of a leaf synset in {devkit_meta}"
-            )
-        by_class.setdefault(wnid_of_id[int(ilsvrc_id)], []).append(image)
-    return by_class
-
-
-def _read_devkit_meta(path: Path) -> dict[int, str]:
-    if not path.is_file():
-        raise DataError(f"{path}: devkit meta.mat not found (data.devkit_meta)")
-    try:
-        synsets = scipy.io.loadmat(path, squeeze_me=True)["synsets"]
-        # The 1,000 ILSVRC classes are the leaves; inner WordNet nodes have children.
-        return {
-            int(ilsvrc_id): str(wnid)
-            for ilsvrc_id, wnid, children in zip(synsets["ILSVRC2012_ID"], synsets["WNID"], synsets["num_children"])
-            if int(children) == 0
-        }
-    except (scipy.io.matlab.MatReadError, ValueError, KeyError, TypeError, IndexError) as error:
-        raise DataError(
-            f"{path}: not a devkit meta.mat (a 'synsets' struct with ILSVRC2012_ID, WNID, num_children): {error}"
-        ) from None
+    return label_flat_val(ground_truth.read_text().split(), images, wnid_of_id, str(ground_truth), str(val_dir))

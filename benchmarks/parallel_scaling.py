@@ -3,7 +3,7 @@ and PowerSGD gradient compression, hybrid parallelism (pipeline/training/hybrid.
 none of them can pass, the same two processes exchanging nothing (DDP's no_sync).
 
     python -m benchmarks.parallel_scaling [--models alexnet2012 vgg11_bn] [--resolutions 67 224]
-        [--workers 2] [--batch 16] [--steps 6] [--rounds 3] [--powersgd-rank 4]
+        [--workers 2] [--batch 16] [--steps 6] [--rounds 3] [--powersgd-rank 4] [--device cpu|cuda]
 
 Each setting runs as --workers gloo processes of one thread each on loopback (one CPU per worker), on
 random tensors of --batch images per worker, with the training loop's optimizer; "single" is one such
@@ -11,7 +11,9 @@ process alone. A run times --steps steps after 2 warm-up steps (PowerSGD compres
 its rate is the images of all workers over the slowest worker's time. The settings run --rounds times
 in rotating order and the medians are reported, with the scaling efficiency (N workers' rate over N
 times the single process's) and the bytes rank 0 wrote to its sockets in a step, next to the arithmetic
-of pipeline/training/communication.py.
+of pipeline/training/communication.py. With --device cuda each worker is one GPU and NCCL carries
+the exchange (float32, no autocast; bytes are counted only on gloo's sockets): on a machine with as
+many GPUs as --workers, the same comparison for GPUs.
 """
 
 from __future__ import annotations
@@ -56,14 +58,17 @@ def spec_for(model: str, setting: str, world: int, batch: int, resolution: int, 
                    use_gpu=False, data_sha256={})
 
 
-def worker(rank: int, spec: RunSpec, setting: str, port: int, steps: int, out: str) -> None:
+def worker(rank: int, spec: RunSpec, setting: str, port: int, steps: int, out: str, device: str) -> None:
     torch.set_num_threads(1)
-    world = spec.num_workers
+    world, on_gpu = spec.num_workers, device == "cuda"
+    if on_gpu:
+        torch.cuda.set_device(rank)
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    network = spec.build_model()
+    where = torch.device(device, rank) if on_gpu else torch.device("cpu")
+    network = spec.build_model().to(where)
     if spec.hybrid:
         Sharding.install(network, world)
     model = DistributedDataParallel(network, **ddp_options(network, spec.recipe)) if world > 1 else network
@@ -71,9 +76,11 @@ def worker(rank: int, spec: RunSpec, setting: str, port: int, steps: int, out: s
         compress_gradients(model, spec.recipe, spec.seed)
     optimizer = make_optimizer(network, spec.recipe)
     batch, side = spec.recipe.batch_size // world, spec.recipe.resolution
-    images, labels = torch.randn(batch, 3, side, side), torch.randint(0, 10, (batch,))
+    images, labels = torch.randn(batch, 3, side, side, device=where), torch.randint(0, 10, (batch,), device=where)
     for step in range(WARMUP_STEPS + steps):
         if step == WARMUP_STEPS:
+            if on_gpu:
+                torch.cuda.synchronize()
             if world > 1:
                 dist.barrier()
             started, written = time.perf_counter(), bytes_written()
@@ -83,6 +90,8 @@ def worker(rank: int, spec: RunSpec, setting: str, port: int, steps: int, out: s
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
         optimizer.step()
+    if on_gpu:
+        torch.cuda.synchronize()
     elapsed, written = time.perf_counter() - started, bytes_written() - written
     Path(f"{out}.{rank}").write_text(json.dumps({"seconds": elapsed, "bytes_per_step": written / steps}))
     if world > 1:
@@ -95,10 +104,10 @@ def bytes_written() -> int:
         return next(int(line.split()[1]) for line in io if line.startswith("wchar"))
 
 
-def measure(spec: RunSpec, setting: str, steps: int, folder: Path, port: int) -> dict:
+def measure(spec: RunSpec, setting: str, steps: int, folder: Path, port: int, device: str) -> dict:
     out = str(folder / f"{spec.model}-{setting}")
     context = mp.get_context("spawn")
-    processes = [context.Process(target=worker, args=(rank, spec, setting, port, steps, out))
+    processes = [context.Process(target=worker, args=(rank, spec, setting, port, steps, out, device))
                  for rank in range(spec.num_workers)]
     for process in processes:
         process.start()
@@ -118,7 +127,8 @@ def benchmark(model: str, resolution: int, arguments: argparse.Namespace, folder
         for number, setting in enumerate(order):
             world = 1 if setting == "single" else arguments.workers
             spec = spec_for(model, setting, world, arguments.batch, resolution, arguments.powersgd_rank)
-            rounds[setting].append(measure(spec, setting, arguments.steps, folder, 29700 + round_index * 10 + number))
+            rounds[setting].append(measure(spec, setting, arguments.steps, folder, 29700 + round_index * 10 + number,
+                                           arguments.device))
     single = statistics.median(run["images_per_s"] for run in rounds["single"])
     table = {}
     for setting, runs in rounds.items():
@@ -143,6 +153,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--powersgd-rank", type=int, default=4)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     arguments = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as folder:

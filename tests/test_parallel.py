@@ -37,7 +37,7 @@ def spec_of(model: str, world: int, **recipe) -> RunSpec:
                    seed=0, epochs=1, num_workers=world, use_gpu=False, data_sha256={})
 
 
-def _steps(rank: int, spec: RunSpec, resolution: int, float64: bool, port: int, out: str) -> None:
+def _steps(rank: int, spec: RunSpec, resolution: int, float64: bool, port: int, out: str, cuda: bool) -> None:
     """STEPS SGD steps of spec's model on this rank's share of fixed random batches, as the training loop
     sets it up: hybrid or not, DDP, its gradient compression. Rank 0 saves the full weights, the momentum
     and the bytes it wrote (to its gloo sockets, all it writes then) during the last step."""
@@ -46,17 +46,20 @@ def _steps(rank: int, spec: RunSpec, resolution: int, float64: bool, port: int, 
     if float64:  # rounding then stays far below what a wrong gradient would change
         torch.set_default_dtype(torch.float64)
     world = spec.num_workers
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    network = spec.build_model()
+    network = spec.build_model().to(device)
     sharding = Sharding.install(network, world) if spec.hybrid else None
     model = DistributedDataParallel(network, **ddp_options(network, spec.recipe))
     compress_gradients(model, spec.recipe, spec.seed)
     optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     generator = torch.Generator().manual_seed(1)
     for _ in range(STEPS):
-        images = torch.randn(world * LOCAL_BATCH, 3, resolution, resolution, generator=generator)
-        labels = torch.randint(0, 10, (world * LOCAL_BATCH,), generator=generator)
+        images = torch.randn(world * LOCAL_BATCH, 3, resolution, resolution, generator=generator).to(device)
+        labels = torch.randint(0, 10, (world * LOCAL_BATCH,), generator=generator).to(device)
         mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         written = _bytes_written()
         loss = nn.functional.cross_entropy(model(images[mine]), labels[mine])
@@ -67,7 +70,8 @@ def _steps(rank: int, spec: RunSpec, resolution: int, float64: bool, port: int, 
     weights = sharding.full_model_state(network) if sharding else network.state_dict()
     momentum = (sharding.full_optimizer_state(optimizer) if sharding else optimizer.state_dict())["state"]
     if rank == 0:
-        torch.save({"weights": weights, "momentum": [momentum[i]["momentum_buffer"] for i in sorted(momentum)],
+        weights = {key: value.cpu() for key, value in weights.items()}
+        torch.save({"weights": weights, "momentum": [momentum[i]["momentum_buffer"].cpu() for i in sorted(momentum)],
                     "bytes": written}, out)
     dist.destroy_process_group()
 
@@ -77,11 +81,11 @@ def _bytes_written() -> int:
         return next(int(line.split()[1]) for line in io if line.startswith("wchar"))
 
 
-def train_steps(spec: RunSpec, folder, resolution: int = 67, float64: bool = False) -> dict:
-    out = folder / f"{spec.name}-{float64}.pt"
+def train_steps(spec: RunSpec, folder, resolution: int = 67, float64: bool = False, cuda: bool = False) -> dict:
+    out = folder / f"{spec.name}-{float64}-{cuda}.pt"
     context = mp.get_context("spawn")
     port = free_port()
-    processes = [context.Process(target=_steps, args=(rank, spec, resolution, float64, port, str(out)))
+    processes = [context.Process(target=_steps, args=(rank, spec, resolution, float64, port, str(out), cuda))
                  for rank in range(spec.num_workers)]
     for process in processes:
         process.start()
@@ -155,6 +159,16 @@ def test_compression_changes_the_steps_a_little(alexnet2012_steps, setting):
     plain, compressed = alexnet2012_steps()["weights"], alexnet2012_steps(**setting)["weights"]
     assert not torch.equal(compressed["features.0.weight"], plain["features.0.weight"])
     assert_same_tensors(list(compressed.values()), list(plain.values()), 0.05)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per worker: 2 GPUs")
+def test_hybrid_steps_equal_data_parallel_steps_on_nccl(tmp_path):
+    """The same on GPUs: NCCL's collectives, CUDA kernels (float64, so TF32 and rounding stay out)."""
+    plain = train_steps(spec_of("alexnet2012", 2), tmp_path, float64=True, cuda=True)
+    hybrid = train_steps(spec_of("alexnet2012", 2, parallelism="hybrid"), tmp_path, float64=True, cuda=True)
+    assert_same_steps(hybrid, plain, "alexnet2012", 2, 1e-9)
+    bf16 = train_steps(spec_of("alexnet2012", 2, gradient_compression="bf16"), tmp_path, cuda=True)
+    assert_same_tensors(list(bf16["weights"].values()), list(plain["weights"].values()), 0.05)
 
 
 def test_what_names_a_run():

@@ -37,7 +37,7 @@ from pipeline.config import load_params
 from pipeline.runs.identity import RunSpec
 from pipeline.training.communication import compress_gradients, ddp_options, step_traffic
 from pipeline.training.hybrid import Sharding
-from pipeline.training.optim import make_optimizer
+from pipeline.training.optim import make_optimizer, sgd_step
 
 WARMUP_STEPS = 2
 SETTINGS = {
@@ -75,6 +75,7 @@ def worker(rank: int, spec: RunSpec, setting: str, port: int, steps: int, out: s
     if world > 1:
         compress_gradients(model, spec.recipe, spec.seed)
     optimizer = make_optimizer(network, spec.recipe)
+    scaler, criterion = torch.amp.GradScaler(where.type, enabled=False), nn.CrossEntropyLoss()
     batch, side = spec.recipe.batch_size // world, spec.recipe.resolution
     images, labels = torch.randn(batch, 3, side, side, device=where), torch.randint(0, 10, (batch,), device=where)
     for step in range(WARMUP_STEPS + steps):
@@ -85,11 +86,8 @@ def worker(rank: int, spec: RunSpec, setting: str, port: int, steps: int, out: s
                 dist.barrier()
             started, written = time.perf_counter(), bytes_written()
         exchange = model.no_sync() if setting == "no_exchange" else contextlib.nullcontext()
-        with exchange:
-            loss = nn.functional.cross_entropy(model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        optimizer.step()
+        with exchange:  # the training loop's step; under no_sync DDP all-reduces nothing
+            sgd_step(model, optimizer, scaler, criterion, images, labels)
     if on_gpu:
         torch.cuda.synchronize()
     elapsed, written = time.perf_counter() - started, bytes_written() - written

@@ -196,6 +196,7 @@ def test_hybrid_is_refused_for_models_without_a_large_classifier(tmp_path, param
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two alexnet2012 runs of 3 epochs and a restart; 16 min on a loaded 2-core VM
 def test_hybrid_run_killed_mid_epoch_resumes_and_ends_where_data_parallelism_does(tmp_path, ray_cluster,
                                                                                   digits_betons):
     """Real Ray Train, FFCV and gloo: a hybrid alexnet2012 run loses a worker in its second epoch, resumes

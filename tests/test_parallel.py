@@ -99,7 +99,9 @@ def assert_same_tensors(found: list[torch.Tensor], expected: list[torch.Tensor],
     assert len(found) == len(expected)
     for index, (got, want) in enumerate(zip(found, expected, strict=True)):
         assert got.shape == want.shape, index
-        scale = want.abs().max().item() or 1.0
+        # Relative to the tensor's largest entry, with a floor: batch norm leaves the biases of the
+        # convolutions before it at rounding noise (~1e-17), where relative differences mean nothing.
+        scale = max(want.abs().max().item(), 1e-3)
         assert (got - want).abs().max().item() <= tolerance * scale, f"tensor {index} differs"
 
 

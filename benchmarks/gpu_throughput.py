@@ -17,6 +17,9 @@ Without --data it writes --images photo-like 400x300 JPEGs (benchmarks/loader_th
 taken over the epochs after it, with the GPU synchronised at both ends. MFU is the model's training
 FLOP/s (6 x the forward MACs of models/layers.py per image) over the GPU's dense peak, for the
 GPUs pipeline/training/worker.py knows.
+
+How several GPUs share a step (plain DDP, bf16 and PowerSGD gradient compression, hybrid parallelism)
+is compared by benchmarks/parallel_scaling.py --device cuda on a machine with 2 or more GPUs.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RECIPE_OPTIONS",
+    "HYBRID_MODELS",
     "ConvNet",
     "InputSizeChecked",
     "build",
@@ -75,6 +76,11 @@ _RECIPE_KEYS: dict[str, tuple[str, ...]] = {
     **{name: () for name in RESNET_NAMES},
     "lenet5": (),
 }
+
+
+# The models whose classifier is a stack of large fully connected layers (AlexNet's fc6-fc8 hold 58.6 M of
+# its 61 M parameters, VGG-16's 123.6 M of 138.4 M): the ones train.parallelism hybrid splits across workers.
+HYBRID_MODELS = frozenset({"alexnet2012", "alexnet", *VGG_VARIANTS})
 
 
 def names() -> list[str]:

@@ -104,6 +104,12 @@ class Recipe(Section):
     val_batch_size: int = Field(default=64, gt=0)
     compile: bool = False
     log_every_s: float = Field(default=10.0, gt=0)
+    # How the workers share a step (pipeline/training/hybrid.py, pipeline/training/communication.py).
+    parallelism: Literal["data", "hybrid"] = "data"
+    gradient_compression: Literal["none", "bf16", "powersgd"] = "none"
+    powersgd_rank: int = Field(default=4, ge=1)
+    # torch's PowerSGD needs at least 2 plain steps before it compresses (its error feedback starts then).
+    powersgd_warmup_steps: int = Field(default=1000, ge=2)
 
 
 class TrainParams(Recipe):
@@ -125,6 +131,7 @@ class TrainParams(Recipe):
             raise ValueError("train.models is empty: name at least one of " + ", ".join(models.names()))
         for name in self.models:
             _check_model(name, self.resolution, "train.models")
+            _check_parallelism(name, self.parallelism, "train.models")
         return self
 
 
@@ -255,6 +262,7 @@ class Params(Section):
                     f"{workers}: the global batch is split evenly across the workers"
                 )
         _check_model(self.ensemble.model, self.train.resolution, "ensemble.model")
+        _check_parallelism(self.ensemble.model, self.train.parallelism, "ensemble.model")
         for name in self.ensemble.include:
             if name not in self.train.models:
                 raise ValueError(f"ensemble.include: {name!r} is not in train.models {self.train.models}: only "
@@ -316,6 +324,15 @@ def _check_model(name: str, resolution: int, key: str) -> None:
     minimum = models.min_resolution(name)
     if resolution < minimum:
         raise ValueError(f"train.resolution={resolution} is below {name}'s minimum input size {minimum}")
+
+
+def _check_parallelism(name: str, parallelism: str, key: str) -> None:
+    import models
+
+    if parallelism == "hybrid" and name not in models.HYBRID_MODELS:
+        raise ValueError(f"train.parallelism=hybrid splits the fully connected classifier of AlexNet and VGG "
+                         f"across the workers; {key} {name!r} has no large one (most of its parameters are "
+                         "convolutions): use train.parallelism: data")
 
 
 def load_params(path: str | Path = PROJECT_ROOT / "params.yaml") -> Params:

@@ -109,8 +109,10 @@ def keys_any_run_uses() -> set[str]:
     schedules = get_args(Recipe.model_fields["schedule"].annotation)
     keys = set()
     for model, schedule, use_gpu in itertools.product(models.names(), schedules, (False, True)):
-        spec = RunSpec(model=model, num_classes=10, recipe=params.train.recipe().model_copy(update={"schedule": schedule}),
-                       seed=0, epochs=1, num_workers=1, use_gpu=use_gpu, data_sha256={})
+        # Several workers, split and compressed: the settings of how workers share a step name runs too.
+        shared = {"schedule": schedule, "parallelism": "hybrid", "gradient_compression": "powersgd"}
+        spec = RunSpec(model=model, num_classes=10, recipe=params.train.recipe().model_copy(update=shared),
+                       seed=0, epochs=1, num_workers=2, use_gpu=use_gpu, data_sha256={})
         keys |= set(spec.recipe_keys())
     return keys
 

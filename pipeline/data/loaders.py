@@ -199,19 +199,23 @@ class ValLoader:
     Keeping only the first len(range(r, N, world)) samples of rank r counts every image exactly once.
     """
 
-    def __init__(self, loader: Loader, num_samples: int):
+    def __init__(self, loader: Loader, num_samples: int, same_batch_count: bool = False):
         self.loader = loader
         self.num_samples = num_samples  # images this rank evaluates, padding excluded
         self.batch_size = loader.batch_size
+        # A batch made only of padding is skipped, or (same_batch_count) yielded empty: the ranks, whose
+        # padded loaders hold as many batches, then run as many steps.
+        self.same_batch_count = same_batch_count
 
     def __len__(self) -> int:
-        return -(-self.num_samples // self.batch_size)
+        return len(self.loader) if self.same_batch_count else -(-self.num_samples // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         remaining = self.num_samples
         for images, labels in self.loader:
-            if remaining <= 0:
+            if remaining <= 0 and not self.same_batch_count:
                 continue  # drain the padding batch so the loader's epoch ends cleanly
+            remaining = max(remaining, 0)
             yield images[:remaining], labels[:remaining]
             remaining -= len(labels)
 
@@ -229,6 +233,7 @@ def make_val_loader(
     dtype: torch.dtype = torch.float32,
     crop_ratio: float = VAL_CROP_RATIO,
     indices: Sequence[int] | None = None,
+    same_batch_count: bool = False,
 ) -> ValLoader:
     """Center-cropped batches of (images (B, 3, resolution, resolution) `dtype`, labels (B,) int64): the
     central square of `crop_ratio` times the short side, resized to `resolution`; of the samples
@@ -241,7 +246,7 @@ def make_val_loader(
         return ValLoader(loader, num_samples=len(indices))
     total = loader.reader.num_samples
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    return ValLoader(loader, num_samples=len(range(rank, total, world)))
+    return ValLoader(loader, num_samples=len(range(rank, total, world)), same_batch_count=same_batch_count)
 
 
 def _image_pipeline(

@@ -20,6 +20,7 @@ from pipeline.runs.context import StageContext
 from pipeline.runs.identity import RunSpec
 from pipeline.runs.store import RunRecord, RunResult
 from pipeline.storage.location import Location
+from pipeline.training.communication import step_traffic
 from pipeline.training.fit import fit
 from pipeline.training.job import TrainJob
 from pipeline.training.progress import STEP_COLUMNS
@@ -115,6 +116,8 @@ def log_to_mlflow(context: StageContext, run_id: str, spec: RunSpec, result: Run
     store = context.store
     tracking.log_history(store.client, run_id, result.history)
     tracking.log_metrics(store.client, run_id, {k: v for k, v in metrics.items() if k not in result.history[-1]})
+    # What each worker sent per step (pipeline/training/communication.py): gradients, and activations when hybrid.
+    tracking.log_metrics(store.client, run_id, {"bytes_sent_per_step": step_traffic(spec).total})
     if context.params.mlflow.log_model and not store.client.search_logged_models(
             [store.experiment_id], filter_string=f"source_run_id = '{run_id}'"):
         tracking.log_model(store.uri, run_id, spec.load_model(result.weights), context.dataset,

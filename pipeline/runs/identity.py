@@ -30,6 +30,12 @@ COMMON_RECIPE_KEYS = ("batch_size", "lr", "momentum", "weight_decay", "schedule"
                       "resolution", "crop_min_scale", "pca_lighting_std", "decay_norm_and_bias", "order")
 SCHEDULE_KEYS = {"plateau": ("plateau_patience",), "step": ("step_size", "step_gamma"), "cosine": ()}
 GPU_ONLY_KEYS = ("amp", "channels_last", "amp_dtype", "deterministic")
+# How several workers share a step: named only when a run has several workers and leaves the default
+# (plain data parallelism, float32 gradients), so the names of runs from before these keys stay. Hybrid
+# computes the same gradients as data parallelism, but with dropout it draws other masks, and its sums
+# run in another order; compressed gradients change the optimisation itself.
+COMPRESSION_KEYS = {"none": (), "bf16": ("gradient_compression",),
+                    "powersgd": ("gradient_compression", "powersgd_rank", "powersgd_warmup_steps")}
 
 
 def weight_keys(model: str, schedule: str, use_gpu: bool) -> tuple[str, ...]:
@@ -52,7 +58,18 @@ class RunSpec:
     data_sha256: Mapping[str, str]  # split -> SHA-256 of its .beton
 
     def recipe_keys(self) -> tuple[str, ...]:
-        return weight_keys(self.model, self.recipe.schedule, self.use_gpu)
+        return weight_keys(self.model, self.recipe.schedule, self.use_gpu) + self.parallel_keys()
+
+    def parallel_keys(self) -> tuple[str, ...]:
+        if self.num_workers == 1:
+            return ()
+        hybrid = ("parallelism",) if self.recipe.parallelism == "hybrid" else ()
+        return hybrid + COMPRESSION_KEYS[self.recipe.gradient_compression]
+
+    @property
+    def hybrid(self) -> bool:
+        """The classifier split across the workers: asked for, and more than one worker to split it over."""
+        return self.recipe.parallelism == "hybrid" and self.num_workers > 1
 
     def identity(self) -> dict:
         return {

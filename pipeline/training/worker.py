@@ -27,7 +27,9 @@ from pipeline.data.node_copy import local_copy
 from pipeline.errors import DataError
 from pipeline.runs.store import CHECKPOINT_FILE
 from pipeline.scoring.combine import top_k_hits
+from pipeline.training.communication import compress_gradients, ddp_options
 from pipeline.training.device import Device, training_flops_per_image
+from pipeline.training.hybrid import Sharding
 from pipeline.training.job import TrainJob
 from pipeline.training.optim import (
     make_optimizer,
@@ -36,6 +38,7 @@ from pipeline.training.optim import (
     step_schedule,
 )
 from pipeline.training.progress import RankZeroLog, Silent, quiet_ray_console
+
 
 def train_worker(loop_config: dict) -> None:
     job: TrainJob = loop_config["job"]
@@ -78,25 +81,33 @@ class TrainState:
     scheduler: object
     scaler: torch.amp.GradScaler
     criterion: nn.Module
+    sharding: Sharding | None  # train.parallelism hybrid: the classifier's slices (pipeline/training/hybrid.py)
 
     @classmethod
     def build(cls, job: TrainJob, device: Device) -> TrainState:
         spec, recipe = job.spec, job.spec.recipe
         torch.manual_seed(spec.seed)  # identical initial weights on every rank before DDP broadcasts
         network = spec.build_model()
+        # Cut from the full initial weights, so a hybrid run starts where a data-parallel one does.
+        sharding = Sharding.install(network, spec.num_workers) if spec.hybrid else None
         if device.channels_last:
             network = network.to(memory_format=torch.channels_last)
-        model = ray.train.torch.prepare_model(network)
+        model = ray.train.torch.prepare_model(network, parallel_strategy_kwargs=ddp_options(network, recipe))
+        if spec.num_workers > 1:
+            compress_gradients(model, recipe, spec.seed)
         if recipe.compile:
             model = torch.compile(model)
         optimizer = make_optimizer(network, recipe)
         return cls(network, model, optimizer, make_scheduler(optimizer, recipe, spec.epochs), device.grad_scaler(),
-                   nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing))
+                   nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing), sharding)
 
     def state_dict(self, epoch: int, history: list[dict], points: list[dict]) -> dict:
-        return {"epoch": epoch, "model": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "history": history,
-                "steps": points}
+        """The checkpoint, in the full layout whatever the parallelism; every worker calls it."""
+        model, optimizer = self.network.state_dict(), self.optimizer.state_dict()
+        if self.sharding:
+            model, optimizer = self.sharding.full_model_state(self.network), self.sharding.full_optimizer_state(self.optimizer)
+        return {"epoch": epoch, "model": model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "history": history, "steps": points}
 
     def resume(self, checkpoint: ray.train.Checkpoint | None, device: Device) -> tuple[int, list[dict], list[dict]]:
         """(the first epoch to train, the history so far, the loss curve's points so far): from the last
@@ -105,8 +116,11 @@ class TrainState:
             return 0, [], []
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=device.device, weights_only=True)
-        self.network.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        model, optimizer = state["model"], state["optimizer"]
+        if self.sharding:
+            model, optimizer = self.sharding.model_shard(model), self.sharding.optimizer_shard(self.optimizer, optimizer)
+        self.network.load_state_dict(model)
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         return state["epoch"] + 1, state["history"], state.get("steps", [])
@@ -127,7 +141,9 @@ def make_loaders(job: TrainJob, device: Device, world: int, start_epoch: int):
     train = make_train_loader(betons["train"], batch_size=recipe.batch_size // world, seed=job.spec.seed,
                               start_epoch=start_epoch, crop_min_scale=recipe.crop_min_scale,
                               pca_lighting_std=recipe.pca_lighting_std, order=recipe.order, **options)
-    val = make_val_loader(betons["val"], batch_size=-(-recipe.val_batch_size // world), **options)
+    # Hybrid parallelism's forward is a collective: every worker must run as many validation batches.
+    val = make_val_loader(betons["val"], batch_size=-(-recipe.val_batch_size // world), same_batch_count=job.spec.hybrid,
+                          **options)
     return train, val
 
 
@@ -218,10 +234,11 @@ def gpu_metrics(images_per_s: float, world: int, device: Device, flops_per_image
 
 def report(state: TrainState, epoch: int, history: list[dict], points: list[dict], rank: int) -> None:
     """Every rank reports (it is a barrier); rank 0 alone attaches the checkpoint (and has the points)."""
+    checkpoint_state = state.state_dict(epoch, history, points)  # a collective under hybrid parallelism
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if rank == 0:
-            torch.save(state.state_dict(epoch, history, points), Path(directory) / CHECKPOINT_FILE)
+            torch.save(checkpoint_state, Path(directory) / CHECKPOINT_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(history[-1], checkpoint=checkpoint)
 

@@ -1,0 +1,236 @@
+"""Hybrid parallelism and gradient compression (train.parallelism, train.gradient_compression): the same
+optimisation as plain data parallelism, on real gloo process groups and real Ray Train runs."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from pipeline.config import ParamsError, load_params
+from pipeline.drivers.train import train_model
+from pipeline.runs.identity import RunSpec
+from pipeline.storage.location import Location
+from pipeline.training.communication import compress_gradients, ddp_options, step_traffic
+from pipeline.training.hybrid import Sharding
+from tests.conftest import (
+    EPOCH_METRICS, checkpoints, free_port, mlflow_runs, read_history, steps, train_worker_processes,
+    training_overrides, wait_for, write_params, write_params_dict,
+)
+
+STEPS = 3
+LOCAL_BATCH = 4
+KILL_EPOCHS = 3
+
+
+def spec_of(model: str, world: int, **recipe) -> RunSpec:
+    """A run of `model` on `world` workers with the default recipe, changed by `recipe`."""
+    defaults = {"batch_size": world * LOCAL_BATCH, "dropout": 0.0, "powersgd_warmup_steps": STEPS - 1}
+    return RunSpec(model=model, num_classes=10, recipe=load_params().train.recipe().model_copy(update=defaults | recipe),
+                   seed=0, epochs=1, num_workers=world, use_gpu=False, data_sha256={})
+
+
+def _steps(rank: int, spec: RunSpec, resolution: int, float64: bool, port: int, out: str, cuda: bool) -> None:
+    """STEPS SGD steps of spec's model on this rank's share of fixed random batches, as the training loop
+    sets it up: hybrid or not, DDP, its gradient compression. Rank 0 saves the full weights, the momentum
+    and the bytes it wrote (to its gloo sockets, all it writes then) during the last step."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if float64:  # rounding then stays far below what a wrong gradient would change
+        torch.set_default_dtype(torch.float64)
+    world = spec.num_workers
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    network = spec.build_model().to(device)
+    sharding = Sharding.install(network, world) if spec.hybrid else None
+    model = DistributedDataParallel(network, **ddp_options(network, spec.recipe))
+    compress_gradients(model, spec.recipe, spec.seed)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        images = torch.randn(world * LOCAL_BATCH, 3, resolution, resolution, generator=generator).to(device)
+        labels = torch.randint(0, 10, (world * LOCAL_BATCH,), generator=generator).to(device)
+        mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        written = _bytes_written()
+        loss = nn.functional.cross_entropy(model(images[mine]), labels[mine])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        written = _bytes_written() - written
+    weights = sharding.full_model_state(network) if sharding else network.state_dict()
+    momentum = (sharding.full_optimizer_state(optimizer) if sharding else optimizer.state_dict())["state"]
+    if rank == 0:
+        weights = {key: value.cpu() for key, value in weights.items()}
+        torch.save({"weights": weights, "momentum": [momentum[i]["momentum_buffer"].cpu() for i in sorted(momentum)],
+                    "bytes": written}, out)
+    dist.destroy_process_group()
+
+
+def _bytes_written() -> int:
+    with open("/proc/self/io") as io:
+        return next(int(line.split()[1]) for line in io if line.startswith("wchar"))
+
+
+def train_steps(spec: RunSpec, folder, resolution: int = 67, float64: bool = False, cuda: bool = False) -> dict:
+    out = folder / f"{spec.name}-{float64}-{cuda}.pt"
+    context = mp.get_context("spawn")
+    port = free_port()
+    processes = [context.Process(target=_steps, args=(rank, spec, resolution, float64, port, str(out), cuda))
+                 for rank in range(spec.num_workers)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+        assert process.exitcode == 0
+    return torch.load(out, weights_only=True)
+
+
+def assert_same_tensors(found: list[torch.Tensor], expected: list[torch.Tensor], tolerance: float) -> None:
+    assert len(found) == len(expected)
+    for index, (got, want) in enumerate(zip(found, expected, strict=True)):
+        assert got.shape == want.shape, index
+        # Relative to the tensor's largest entry, with a floor: batch norm leaves the biases of the
+        # convolutions before it at rounding noise (~1e-17), where relative differences mean nothing.
+        scale = max(want.abs().max().item(), 1e-3)
+        assert (got - want).abs().max().item() <= tolerance * scale, f"tensor {index} differs"
+
+
+@pytest.fixture(scope="module")
+def alexnet2012_steps(tmp_path_factory):
+    """train_steps of alexnet2012 on 2 workers by setting, each trained once for the module's tests."""
+    folder, done = tmp_path_factory.mktemp("steps"), {}
+
+    def steps_with(**setting) -> dict:
+        key = tuple(sorted(setting.items()))
+        if key not in done:
+            done[key] = train_steps(spec_of("alexnet2012", 2, **setting), folder)
+        return done[key]
+
+    return steps_with
+
+
+def assert_same_steps(hybrid: dict, plain: dict, model: str, world: int, tolerance: float) -> None:
+    assert list(hybrid["weights"]) == list(plain["weights"]), "the checkpoint's layout is the full model's"
+    assert_same_tensors(list(hybrid["weights"].values()), list(plain["weights"].values()), tolerance)
+    assert_same_tensors(hybrid["momentum"], plain["momentum"], tolerance)
+    # A wrong gradient would not be caught if the weights did not move.
+    initial = spec_of(model, world).build_model().state_dict()
+    fc8 = [key for key in initial if key.startswith("classifier.") and key.endswith(".weight")][-1]
+    assert (plain["weights"][fc8].float() - initial[fc8]).abs().max() > 1e-4
+
+
+def test_hybrid_steps_equal_data_parallel_steps(alexnet2012_steps):
+    assert_same_steps(alexnet2012_steps(parallelism="hybrid"), alexnet2012_steps(), "alexnet2012", 2, 1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model", "world", "resolution"), [("alexnet", 3, 63), ("vgg11_bn", 2, 32)])
+def test_hybrid_steps_equal_data_parallel_steps_on_other_models(tmp_path, model, world, resolution):
+    """In float64: batch norm on 4 images amplifies float32's rounding to 1e-4, float64's stays at 1e-12.
+    alexnet on 3 workers: uneven slices (10 classes), and dropout before fc6 (torchvision's order)."""
+    plain = train_steps(spec_of(model, world), tmp_path, resolution, float64=True)
+    hybrid = train_steps(spec_of(model, world, parallelism="hybrid"), tmp_path, resolution, float64=True)
+    assert_same_steps(hybrid, plain, model, world, 1e-9)
+
+
+@pytest.mark.parametrize("setting", [{}, {"parallelism": "hybrid"}, {"gradient_compression": "bf16"},
+                                     {"gradient_compression": "powersgd", "powersgd_rank": 2}],
+                         ids=["data", "hybrid", "bf16", "powersgd"])
+def test_bytes_sent_per_step_match_the_arithmetic(alexnet2012_steps, setting):
+    """What rank 0 writes to its sockets in a step (after PowerSGD's warm-up) against step_traffic."""
+    counted = alexnet2012_steps(**setting)["bytes"]
+    expected = step_traffic(spec_of("alexnet2012", 2, **setting)).total
+    # gloo adds a header of a few dozen bytes per message.
+    assert counted == pytest.approx(expected, rel=0.01, abs=20_000)
+
+
+@pytest.mark.parametrize("setting", [{"gradient_compression": "bf16"},
+                                     {"gradient_compression": "powersgd", "powersgd_rank": 2}], ids=["bf16", "powersgd"])
+def test_compression_changes_the_steps_a_little(alexnet2012_steps, setting):
+    """bf16 and PowerSGD move the weights where float32 does, not exactly: they are other runs."""
+    plain, compressed = alexnet2012_steps()["weights"], alexnet2012_steps(**setting)["weights"]
+    assert not torch.equal(compressed["features.0.weight"], plain["features.0.weight"])
+    assert_same_tensors(list(compressed.values()), list(plain.values()), 0.05)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per worker: 2 GPUs")
+def test_hybrid_steps_equal_data_parallel_steps_on_nccl(tmp_path):
+    """The same on GPUs: NCCL's collectives, CUDA kernels (float64, so TF32 and rounding stay out)."""
+    plain = train_steps(spec_of("alexnet2012", 2), tmp_path, float64=True, cuda=True)
+    hybrid = train_steps(spec_of("alexnet2012", 2, parallelism="hybrid"), tmp_path, float64=True, cuda=True)
+    assert_same_steps(hybrid, plain, "alexnet2012", 2, 1e-9)
+    bf16 = train_steps(spec_of("alexnet2012", 2, gradient_compression="bf16"), tmp_path, cuda=True)
+    assert_same_tensors(list(bf16["weights"].values()), list(plain["weights"].values()), 0.05)
+
+
+def test_what_names_a_run():
+    plain = spec_of("alexnet2012", 2)
+    assert spec_of("alexnet2012", 2, parallelism="hybrid").name != plain.name
+    assert spec_of("alexnet2012", 2, gradient_compression="bf16").name != plain.name
+    powersgd = spec_of("alexnet2012", 2, gradient_compression="powersgd")
+    assert spec_of("alexnet2012", 2, gradient_compression="powersgd", powersgd_rank=8).name != powersgd.name
+    # Settings that change nothing leave the name: PowerSGD's rank without PowerSGD, anything on one worker.
+    assert spec_of("alexnet2012", 2, powersgd_rank=8).name == plain.name
+    alone = spec_of("alexnet2012", 1)
+    assert spec_of("alexnet2012", 1, parallelism="hybrid", gradient_compression="bf16").name == alone.name
+
+
+@pytest.mark.parametrize(("key", "model"), [("models", "lenet5"), ("models", "resnet18"), ("ensemble", "googlenet")])
+def test_hybrid_is_refused_for_models_without_a_large_classifier(tmp_path, params_dict, key, model):
+    params_dict["train"]["parallelism"] = "hybrid"
+    if key == "models":
+        params_dict["train"]["models"] = [model]
+        params_dict["ensemble"]["include"] = []
+    else:
+        params_dict["ensemble"]["model"] = model
+    with pytest.raises(ParamsError, match=f"train.parallelism=hybrid .*'{model}' has no large one"):
+        load_params(write_params_dict(tmp_path, params_dict))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # two alexnet2012 runs of 3 epochs and a restart; 16 min on a loaded 2-core VM
+def test_hybrid_run_killed_mid_epoch_resumes_and_ends_where_data_parallelism_does(tmp_path, ray_cluster,
+                                                                                  digits_betons):
+    """Real Ray Train, FFCV and gloo: a hybrid alexnet2012 run loses a worker in its second epoch, resumes
+    from the full-layout checkpoint, and its final weights are the data-parallel run's."""
+    folders = {name: tmp_path / name for name in ("data", "hybrid")}
+    params = {name: write_params(folder, training_overrides(
+        folder, model="alexnet2012", epochs=KILL_EPOCHS, ray={"max_failures": 2},
+        parallelism=name))[1] for name, folder in folders.items()}
+    killed: dict = {}
+    started = time.time()
+
+    def kill_a_worker_in_the_second_epoch() -> None:
+        wait_for(lambda: len(checkpoints(folders["hybrid"])) >= 1, 300, "the first epoch's checkpoint")
+        killed["victim"] = train_worker_processes(started_after=started)[1]
+        killed["victim"].kill()
+
+    killer = threading.Thread(target=kill_a_worker_in_the_second_epoch)
+    killer.start()
+    train_model(params["hybrid"], "alexnet2012", Location.local(digits_betons), Location.local(folders["hybrid"] / "out"))
+    killer.join()
+    assert not killed["victim"].is_running()
+    client, runs = mlflow_runs(folders["hybrid"])
+    for metric in EPOCH_METRICS:
+        assert steps(client, runs[0].info.run_id, metric) == list(range(KILL_EPOCHS)), metric
+    logged = runs[0].data.metrics["bytes_sent_per_step"]
+    assert logged == step_traffic(spec_of("alexnet2012", 2, parallelism="hybrid", batch_size=32)).total
+
+    train_model(params["data"], "alexnet2012", Location.local(digits_betons), Location.local(folders["data"] / "out"))
+    weights = {name: torch.load(folder / "out" / "model.pt", weights_only=True) for name, folder in folders.items()}
+    assert list(weights["hybrid"]) == list(weights["data"])
+    # float32 over 27 steps: the two orders of summation drift apart by rounding only.
+    assert_same_tensors(list(weights["hybrid"].values()), list(weights["data"].values()), 1e-3)
+    histories = {name: read_history(folder / "out") for name, folder in folders.items()}
+    assert [row["train_loss"] for row in histories["hybrid"]] == pytest.approx(
+        [row["train_loss"] for row in histories["data"]], rel=1e-3)

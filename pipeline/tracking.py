@@ -11,12 +11,14 @@ Ray nodes the store must be a tracking server (pipeline/runs/cluster.py refuses 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sqlite3
 import subprocess
 import threading
 import urllib.request
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,9 @@ from typing import Any, Literal
 import filelock
 import mlflow
 import torch
-from mlflow.entities import RunStatus
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from requests.exceptions import RequestException
@@ -34,11 +38,17 @@ from sqlalchemy.exc import SQLAlchemyError
 from pipeline.config import PROJECT_ROOT, MlflowParams
 from pipeline.data.dataset import Dataset
 from pipeline.errors import InputError
+from pipeline.storage.location import Location
 from pipeline.storage.paths import HOME_VARIABLE, project_home
 
 RUN_NAME_TAG = "run_name"
 # The metric whose logged steps say which epochs a run has in the store.
 EPOCH_METRIC = "val_top1_error"
+# MLflow's tag on a dataset input saying what the run used it for (mlflow.log_input's `context`).
+DATASET_CONTEXT_TAG = "mlflow.data.context"
+# MLflow's SQL schema keeps a dataset's digest in 36 characters (VARCHAR(36), which PostgreSQL enforces):
+# the SHA-256's first 32 hex digits (128 bits) go there, the whole hash into the dataset's profile.
+DIGEST_CHARS = 32
 FILE_STORE_SCHEMES = ("sqlite", "file")
 STORE_LOCK_TIMEOUT_S = 120
 HEALTH_TIMEOUT_S = 10
@@ -239,7 +249,8 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
 
 
 def logged_epochs(client: MlflowClient, run_id: str) -> set[int]:
-    return {metric.step for metric in client.get_metric_history(run_id, EPOCH_METRIC)}
+    """The history's epoch numbers (from 0) the run has."""
+    return {metric.step - epoch_step(0) for metric in client.get_metric_history(run_id, EPOCH_METRIC)}
 
 
 def log_history(client: MlflowClient, run_id: str, history: Iterable[Mapping[str, float]]) -> None:
@@ -248,7 +259,50 @@ def log_history(client: MlflowClient, run_id: str, history: Iterable[Mapping[str
     have = logged_epochs(client, run_id)
     for row in history:
         if row["epoch"] not in have:
-            log_metrics(client, run_id, {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+            log_metrics(client, run_id, {k: v for k, v in row.items() if k != "epoch"}, step=epoch_step(int(row["epoch"])))
+
+
+def epoch_step(epoch: int) -> int:
+    """The MLflow step of a history row: the epoch's number as the console says it ("epoch 1/3" is step 1);
+    the run store's history counts from 0."""
+    return epoch + 1
+
+
+class BetonDataset(MetaDataset):
+    """One .beton file as an MLflow dataset: named by the data source and split, its digest the file's
+    SHA-256, its source where it lies (a path or a URI), its profile the image and class counts."""
+
+    def __init__(self, location: str, name: str, sha256: str, images: int, classes: int):
+        with warnings.catch_warnings():  # a file:// path matches two of MLflow's sources, which agree
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(location)
+        super().__init__(source, name=name, digest=sha256[:DIGEST_CHARS])
+        self._profile = {"images": images, "classes": classes, "sha256": sha256}
+
+    @property
+    def profile(self) -> dict:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+
+def data_inputs(data: Location, dataset: Dataset, source_name: str,
+                splits: Iterable[str] = ("train", "val")) -> list[DatasetInput]:
+    """The .beton files of `dataset` (read from `data`) as MLflow dataset inputs, their split as context."""
+    return [
+        DatasetInput(BetonDataset(str(data / beton.path.name), f"{source_name}-{split}", beton.sha256, beton.images,
+                                  dataset.num_classes)._to_mlflow_entity(), tags=[InputTag(DATASET_CONTEXT_TAG, split)])
+        for split, beton in dataset.files.items() if split in splits
+    ]
+
+
+def log_data_inputs(client: MlflowClient, run_id: str, inputs: list[DatasetInput]) -> None:
+    """Skips what the run has already (a resumed or re-evaluated run would list its data twice)."""
+    have = {(i.dataset.name, i.dataset.digest) for i in client.get_run(run_id).inputs.dataset_inputs}
+    new = [i for i in inputs if (i.dataset.name, i.dataset.digest) not in have]
+    if new:
+        client.log_inputs(run_id, datasets=new)
 
 
 class Terminated(KeyboardInterrupt):

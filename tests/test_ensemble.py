@@ -17,7 +17,6 @@ from pipeline.config import PROJECT_ROOT
 from pipeline.data.dataset import Dataset
 from pipeline.drivers.ensemble import (
     EnsembleError,
-    best_member,
     included_scores,
     load_member,
     member_seeds,
@@ -28,6 +27,7 @@ from pipeline.drivers.evaluate import evaluate_model
 from pipeline.drivers.train import train_model
 from pipeline.runs.context import run_store
 from pipeline.runs.store import RESULT_MARKER, RESULT_WEIGHTS
+from pipeline.scoring.combine import best_model
 from pipeline.scoring.protocols import ScoresError
 from pipeline.storage.location import Location
 from tests.conftest import (
@@ -135,12 +135,14 @@ def test_mlflow_parent_with_nested_members(ensemble_run):
     assert errors[f"member_{seeds.index(int(registered.data.tags['seed']))}"] == min(errors.values())
 
 
-def test_best_member_breaks_ties_on_top5_then_order():
+def test_best_model_breaks_ties_on_top5_then_order():
     summary = {"members": 3, "model_top1_error": {"member_0": 0.5, "member_1": 0.4, "member_2": 0.4, "vgg": 0.1},
                "model_top5_error": {"member_0": 0.1, "member_1": 0.2, "member_2": 0.1, "vgg": 0.0}}
-    assert best_member(summary) == 2, "the best of the members (an included model has no weights here)"
-    summary["model_top5_error"]["member_1"] = 0.1
-    assert best_member(summary) == 1
+    assert best_model(summary) == "vgg", "an included model better than every member"
+    summary["model_top1_error"]["vgg"] = 0.4
+    assert best_model(summary) == "vgg", "top-1 tied: the lower top-5"
+    summary["model_top5_error"]["vgg"] = 0.1
+    assert best_model(summary) == "member_2", "both tied: the first"
 
 
 def test_member_seeds_are_independent_of_the_member_count():

@@ -48,6 +48,10 @@ class StageContext:
     def train_spec(self, model: str) -> RunSpec:
         return train_spec(self.params, model, self.dataset)
 
+    def data_inputs(self, splits: tuple[str, ...] = ("train", "val")) -> list:
+        """The .beton files a run reads, as MLflow dataset inputs (pipeline/tracking.py)."""
+        return tracking.data_inputs(self.data, self.dataset, self.params.data.source, splits)
+
     def tags(self, model: str, stage: str) -> dict[str, str]:
         return {"model": model, "dvc_stage": stage, "device": cluster.device_name(self.params.ray)}
 

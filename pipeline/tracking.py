@@ -10,6 +10,7 @@ Ray nodes the store must be a tracking server (pipeline/runs/cluster.py refuses 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -17,6 +18,8 @@ import signal
 import sqlite3
 import subprocess
 import threading
+import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -32,6 +35,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.credentials import read_mlflow_creds
 from requests.exceptions import RequestException
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -52,6 +56,10 @@ DIGEST_CHARS = 32
 FILE_STORE_SCHEMES = ("sqlite", "file")
 STORE_LOCK_TIMEOUT_S = 120
 HEALTH_TIMEOUT_S = 10
+# Where MLflow's clients read a tracking server's user and password (mlflow.utils.credentials); the
+# README's cluster walk-through writes the file on every node.
+CREDENTIALS_FILE = "~/.mlflow/credentials"
+CREDENTIALS_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 # Columns of MLflow 3's SQL schema that hold artifact locations (read off a store with a logged and
 # registered model): they are rewritten when the project folder has moved.
 ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
@@ -103,7 +111,20 @@ def tracking_uri(params: MlflowParams, environ: Mapping[str, str] = os.environ,
             )
         relative = "mlflow.db" if uri is None else uri.removeprefix("sqlite:///")
         return f"sqlite:///{home / relative}"
+    _refuse_credentials_in(uri)
     return uri
+
+
+def _refuse_credentials_in(uri: str) -> None:
+    """A password in the URI would be copied wherever the URI goes: the runs' params, the console, DVC's
+    params. MLflow reads it from the credentials file or the environment instead."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is not None or parts.password is not None:
+        bare = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        raise TrackingStoreError(
+            f"mlflow.tracking_uri / MLFLOW_TRACKING_URI {bare}: holds a user name or password, which would be "
+            f"logged with the runs; give the bare URI and put them in {CREDENTIALS_FILE} (README: a tracking "
+            "server only the team can write to)")
 
 
 def open_store(params: MlflowParams, environ: Mapping[str, str] = os.environ, code_root: Path = PROJECT_ROOT) -> Store:
@@ -112,7 +133,7 @@ def open_store(params: MlflowParams, environ: Mapping[str, str] = os.environ, co
     creation are not safe to race. A server makes the experiment once and the loser reads it back."""
     uri = tracking_uri(params, environ, code_root)
     with _translated_errors(uri):
-        _check_server(uri)
+        _check_server(uri, params.experiment)
         with _store_lock(uri):
             client = MlflowClient(uri)  # builds the store, which sets up a new SQLite file's schema
             artifacts = _default_artifacts(uri, environ, code_root)
@@ -165,8 +186,9 @@ def _store_lock(uri: str) -> Iterator[None]:
         yield
 
 
-def _check_server(uri: str) -> None:
-    """A server that is down would be retried by MLflow for minutes; one probe says it at once."""
+def _check_server(uri: str, experiment: str) -> None:
+    """A server that is down would be retried by MLflow for minutes; one probe says it at once. A second
+    one, with the credentials MLflow's client would send, tells missing or wrong ones apart."""
     if not uri.startswith(("http://", "https://")):
         return
     try:
@@ -175,6 +197,33 @@ def _check_server(uri: str) -> None:
     except OSError as error:
         raise TrackingStoreError(f"MLflow tracking server {uri}: not reachable ({error}); start it, or set "
                                  "mlflow.tracking_uri / MLFLOW_TRACKING_URI to one that runs") from None
+    _check_credentials(uri, experiment)
+
+
+def _check_credentials(uri: str, experiment: str) -> None:
+    credentials = read_mlflow_creds()
+    query = urllib.parse.urlencode({"experiment_name": experiment})
+    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?{query}")
+    if credentials.username is not None and credentials.password is not None:
+        pair = f"{credentials.username}:{credentials.password}".encode()
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=HEALTH_TIMEOUT_S) as response:
+            response.read()
+    except urllib.error.HTTPError as error:
+        origin = "$" + CREDENTIALS_VARIABLES[0] if os.environ.get(CREDENTIALS_VARIABLES[0]) else CREDENTIALS_FILE
+        if error.code == 401 and credentials.username is None:
+            raise TrackingStoreError(
+                f"MLflow tracking server {uri}: asks for a user name and password, and this machine has none; put "
+                f"them in {CREDENTIALS_FILE} (README: a tracking server only the team can write to)") from None
+        if error.code == 401:
+            raise TrackingStoreError(f"MLflow tracking server {uri}: refused user {credentials.username!r} "
+                                     f"(from {origin}): wrong user name or password") from None
+        if error.code == 403:
+            raise TrackingStoreError(f"MLflow tracking server {uri}: user {credentials.username!r} (from {origin}) "
+                                     f"may not read experiment {experiment!r}; ask the server's admin for EDIT "
+                                     "permission on it") from None
+        # 404: the experiment does not exist yet, and open_store makes it.
 
 
 @contextlib.contextmanager

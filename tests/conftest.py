@@ -299,3 +299,9 @@ def flat_colour_beton(folder: Path, count: int, params_dict: dict) -> Path:
     params = PreprocessParams.model_validate(params_dict["preprocess"] | {"write_mode": "raw", "max_resolution": 64})
     write_beton(folder / "data.beton", paths, list(range(count)), params)
     return folder / "data.beton"
+
+
+def run_predict(*arguments: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The predict command, as a user runs it, from the project's folder."""
+    return subprocess.run([sys.executable, "-m", "pipeline.drivers.predict", *arguments], cwd=PROJECT_ROOT, text=True,
+                          capture_output=True, timeout=300, env=os.environ | (env or {}))

@@ -33,10 +33,12 @@ class StageContext:
         dataset = describe(data, cache_root(params.ray.local_data_cache))  # bad data costs seconds, not a cluster
         check(dataset)
         runs = run_store(params)
+        # Before Ray starts: an unreachable server or refused credentials cost a second, not a cluster.
+        store = tracking.open_store(params.mlflow)
         # Before any MLflow run and its SIGTERM handler: ray.init installs a SIGTERM handler of its own.
         cluster.connect(params.ray)
-        cluster.check_nodes_reach(tracking.tracking_uri(params.mlflow), runs.root, data)
-        return cls(params, data, dataset, runs, tracking.open_store(params.mlflow))
+        cluster.check_nodes_reach(store.uri, runs.root, data)
+        return cls(params, data, dataset, runs, store)
 
     @property
     def data_cache(self) -> Path:

@@ -27,6 +27,7 @@ def blocks(stdout: str) -> dict[str, list[str]]:
     return found
 
 
+@pytest.mark.slow
 def test_every_file_gets_its_lines_and_the_exit_status_counts_the_failures(trained_run, digits_tree, tmp_path):
     digit = next((digits_tree / "prepared" / "images" / "val" / "digit_4").iterdir())
     tiny = tmp_path / "tiny.png"
@@ -49,6 +50,7 @@ def test_every_file_gets_its_lines_and_the_exit_status_counts_the_failures(train
     assert all_good.returncode == 0 and all_good.stderr == "" and list(blocks(all_good.stdout)) == [str(digit), str(tiny)]
 
 
+@pytest.mark.slow
 def test_a_one_pixel_image_is_enlarged_like_any_other(trained_run, digits_tree, tmp_path):
     """Enlarged, one pixel is a flat square: it must predict what a large flat image of its colour does."""
     predictor = from_weights(trained_run["out"] / "model.pt", trained_run["folder"] / "params.yaml",
@@ -62,6 +64,7 @@ def test_a_one_pixel_image_is_enlarged_like_any_other(trained_run, digits_tree, 
     assert [p for _, p in one] == pytest.approx([p for _, p in large], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_missing_model_file_is_named_as_missing(trained_run, digits_tree, tmp_path):
     digit = next((digits_tree / "prepared" / "images" / "val" / "digit_4").iterdir())
     arguments = weights_arguments(trained_run, digits_tree)

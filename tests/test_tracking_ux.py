@@ -68,6 +68,7 @@ def assert_lists_the_data(run, betons: Path, source: str) -> None:
         assert json.loads(entry.profile) == {"images": beton.images, "classes": 10, "sha256": beton.sha256}
 
 
+@pytest.mark.slow
 def test_training_and_evaluation_list_their_data_and_log_epochs_at_their_numbers(pipeline_runs, digits_betons):
     client, runs = pipeline_runs["client"], pipeline_runs["runs"]
     trained = run_of(runs, f"train@{FAST_MODEL}")
@@ -77,6 +78,7 @@ def test_training_and_evaluation_list_their_data_and_log_epochs_at_their_numbers
     assert steps(client, trained.info.run_id, "val_top1_error") == [1, 2], "the console's epoch 1/2 and 2/2"
 
 
+@pytest.mark.slow
 def test_the_ensemble_lists_its_data_and_links_the_best_model_it_registered(pipeline_runs, digits_betons):
     client, runs, summary = pipeline_runs["client"], pipeline_runs["runs"], pipeline_runs["summary"]
     parent, member = run_of(runs, "ensemble"), run_of(runs, "ensemble", nested=True)

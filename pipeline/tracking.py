@@ -33,6 +33,7 @@ import torch
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, RunStatus
+from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.credentials import read_mlflow_creds
@@ -208,7 +209,8 @@ def _check_credentials(uri: str, experiment: str) -> None:
         pair = f"{credentials.username}:{credentials.password}".encode()
         request.add_header("Authorization", "Basic " + base64.b64encode(pair).decode())
     try:
-        with urllib.request.urlopen(request, timeout=HEALTH_TIMEOUT_S) as response:
+        # MLflow's own wait: a server checks a password with a deliberately slow hash, slower still when busy.
+        with urllib.request.urlopen(request, timeout=MLFLOW_HTTP_REQUEST_TIMEOUT.get()) as response:
             response.read()
     except urllib.error.HTTPError as error:
         origin = "$" + CREDENTIALS_VARIABLES[0] if os.environ.get(CREDENTIALS_VARIABLES[0]) else CREDENTIALS_FILE

@@ -152,7 +152,8 @@ def stage_home(folder: Path, password: str | None) -> dict:
 
 
 def train_arguments(folder: Path, server_url: str, betons: Path, seed: int = 0) -> list[str]:
-    overrides = training_overrides(folder, epochs=1, seed=seed)
+    # One worker each: two stages at once on 2 cores, and what is tested is their Rays, not data parallelism.
+    overrides = training_overrides(folder, ray={"num_workers": 1}, epochs=1, seed=seed)
     overrides["mlflow"]["tracking_uri"] = server_url
     params, _ = write_params(folder, overrides)
     return stage_command("train", "--params", str(params), "--model", FAST_MODEL, "--data", str(betons),

@@ -4,13 +4,16 @@ model.
 The layer-table command (pipeline/reports/layer_table.py) prints it.
 
 Rows follow the model's evaluation graph (models.shapes): the input, every convolution (with the batch
-norm after it folded in), every pool (global pools included), every fully connected layer, every residual
-addition and every concatenation of inception branches. ReLU, LRN, dropout and flatten hold no
-parameters and keep the values' count, so they get no row. Layers that only training runs (GoogLeNet's
+norm after it folded in), every local response normalisation (AlexNet's norm1 and norm2, rows of the
+tables the papers and course notes give), every pool (global pools included), every fully connected
+layer, every residual addition and every concatenation of inception branches. ReLU, dropout and flatten
+hold no parameters and keep the values' count, so they get no row. Parameter counts are weights plus
+biases (plus batch norm's scale and shift, folded into the convolution's row). Layers that only training runs (GoogLeNet's
 auxiliary classifiers) are not in the table; a line after it counts their parameters.
 
 MACs count the multiply-accumulates of convolutions and FC layers only, the convention of the GFLOPS
-figures torchvision publishes. The other rows have 0 MACs because they multiply nothing: a residual
+figures torchvision publishes. The other rows have 0 MACs: a local response normalisation costs a few multiplications per
+output value (a sum of 5 squares, a power, a division) but no multiply-accumulate of weights; a residual
 addition costs one addition per output value, a k x k pool k*k - 1 comparisons (max) or additions
 (average, then a division) per output value, a concatenation a copy; batch norm folds into the weights
 and bias of the convolution before it at inference.
@@ -120,7 +123,7 @@ def rows_of(graph: fx.GraphModule, maps: dict[fx.Node, FeatureMap]) -> list[Laye
                 if conv.op != "call_module" or not isinstance(graph.get_submodule(conv.target), nn.Conv2d):
                     raise TypeError(f"batch norm {node.target} follows no convolution to fold into")
                 rows[conv] = replace(rows[conv], params=rows[conv].params + _parameter_count(layer))
-            elif isinstance(layer, nn.Conv2d | nn.Linear | _POOLS):
+            elif isinstance(layer, nn.Conv2d | nn.Linear | nn.LocalResponseNorm | _POOLS):
                 rows[node] = LayerRow(
                     node.target,
                     shape,
@@ -160,6 +163,8 @@ def _caffe_names(model: ConvNet, rows: list[LayerRow]) -> list[LayerRow]:
             convs_in_stage += 1
             after_pool = False
             name = f"conv{stage}_{convs_in_stage}" if numbered_in_blocks else f"conv{stage}"
+        elif isinstance(layer, nn.LocalResponseNorm):
+            name = f"norm{stage}"  # Caffe's norm1 and norm2 follow conv1 and conv2
         elif isinstance(layer, nn.AdaptiveAvgPool2d):
             name = "avgpool"
         elif isinstance(layer, nn.MaxPool2d | nn.AvgPool2d):

@@ -10,13 +10,18 @@ Ray nodes the store must be a tracking server (pipeline/runs/cluster.py refuses 
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
 import signal
 import sqlite3
 import subprocess
 import threading
+import urllib.error
+import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,23 +30,37 @@ from typing import Any, Literal
 import filelock
 import mlflow
 import torch
-from mlflow.entities import RunStatus
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, RunStatus
+from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.credentials import read_mlflow_creds
 from requests.exceptions import RequestException
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.config import PROJECT_ROOT, MlflowParams
 from pipeline.data.dataset import Dataset
 from pipeline.errors import InputError
+from pipeline.storage.location import Location
 from pipeline.storage.paths import HOME_VARIABLE, project_home
 
 RUN_NAME_TAG = "run_name"
 # The metric whose logged steps say which epochs a run has in the store.
 EPOCH_METRIC = "val_top1_error"
+# MLflow's tag on a dataset input saying what the run used it for (mlflow.log_input's `context`).
+DATASET_CONTEXT_TAG = "mlflow.data.context"
+# MLflow's SQL schema keeps a dataset's digest in 36 characters (VARCHAR(36), which PostgreSQL enforces):
+# the SHA-256's first 32 hex digits (128 bits) go there, the whole hash into the dataset's profile.
+DIGEST_CHARS = 32
 FILE_STORE_SCHEMES = ("sqlite", "file")
 STORE_LOCK_TIMEOUT_S = 120
 HEALTH_TIMEOUT_S = 10
+# Where MLflow's clients read a tracking server's user and password (mlflow.utils.credentials); the
+# README's cluster walk-through writes the file on every node.
+CREDENTIALS_FILE = "~/.mlflow/credentials"
+CREDENTIALS_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 # Columns of MLflow 3's SQL schema that hold artifact locations (read off a store with a logged and
 # registered model): they are rewritten when the project folder has moved.
 ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
@@ -93,7 +112,20 @@ def tracking_uri(params: MlflowParams, environ: Mapping[str, str] = os.environ,
             )
         relative = "mlflow.db" if uri is None else uri.removeprefix("sqlite:///")
         return f"sqlite:///{home / relative}"
+    _refuse_credentials_in(uri)
     return uri
+
+
+def _refuse_credentials_in(uri: str) -> None:
+    """A password in the URI would be copied wherever the URI goes: the runs' params, the console, DVC's
+    params. MLflow reads it from the credentials file or the environment instead."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is not None or parts.password is not None:
+        bare = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        raise TrackingStoreError(
+            f"mlflow.tracking_uri / MLFLOW_TRACKING_URI {bare}: holds a user name or password, which would be "
+            f"logged with the runs; give the bare URI and put them in {CREDENTIALS_FILE} (README: a tracking "
+            "server only the team can write to)")
 
 
 def open_store(params: MlflowParams, environ: Mapping[str, str] = os.environ, code_root: Path = PROJECT_ROOT) -> Store:
@@ -102,7 +134,7 @@ def open_store(params: MlflowParams, environ: Mapping[str, str] = os.environ, co
     creation are not safe to race. A server makes the experiment once and the loser reads it back."""
     uri = tracking_uri(params, environ, code_root)
     with _translated_errors(uri):
-        _check_server(uri)
+        _check_server(uri, params.experiment)
         with _store_lock(uri):
             client = MlflowClient(uri)  # builds the store, which sets up a new SQLite file's schema
             artifacts = _default_artifacts(uri, environ, code_root)
@@ -155,8 +187,9 @@ def _store_lock(uri: str) -> Iterator[None]:
         yield
 
 
-def _check_server(uri: str) -> None:
-    """A server that is down would be retried by MLflow for minutes; one probe says it at once."""
+def _check_server(uri: str, experiment: str) -> None:
+    """A server that is down would be retried by MLflow for minutes; one probe says it at once. A second
+    one, with the credentials MLflow's client would send, tells missing or wrong ones apart."""
     if not uri.startswith(("http://", "https://")):
         return
     try:
@@ -165,6 +198,34 @@ def _check_server(uri: str) -> None:
     except OSError as error:
         raise TrackingStoreError(f"MLflow tracking server {uri}: not reachable ({error}); start it, or set "
                                  "mlflow.tracking_uri / MLFLOW_TRACKING_URI to one that runs") from None
+    _check_credentials(uri, experiment)
+
+
+def _check_credentials(uri: str, experiment: str) -> None:
+    credentials = read_mlflow_creds()
+    query = urllib.parse.urlencode({"experiment_name": experiment})
+    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?{query}")
+    if credentials.username is not None and credentials.password is not None:
+        pair = f"{credentials.username}:{credentials.password}".encode()
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair).decode())
+    try:
+        # MLflow's own wait: a server checks a password with a deliberately slow hash, slower still when busy.
+        with urllib.request.urlopen(request, timeout=MLFLOW_HTTP_REQUEST_TIMEOUT.get()) as response:
+            response.read()
+    except urllib.error.HTTPError as error:
+        origin = "$" + CREDENTIALS_VARIABLES[0] if os.environ.get(CREDENTIALS_VARIABLES[0]) else CREDENTIALS_FILE
+        if error.code == 401 and credentials.username is None:
+            raise TrackingStoreError(
+                f"MLflow tracking server {uri}: asks for a user name and password, and this machine has none; put "
+                f"them in {CREDENTIALS_FILE} (README: a tracking server only the team can write to)") from None
+        if error.code == 401:
+            raise TrackingStoreError(f"MLflow tracking server {uri}: refused user {credentials.username!r} "
+                                     f"(from {origin}): wrong user name or password") from None
+        if error.code == 403:
+            raise TrackingStoreError(f"MLflow tracking server {uri}: user {credentials.username!r} (from {origin}) "
+                                     f"may not read experiment {experiment!r}; ask the server's admin for EDIT "
+                                     "permission on it") from None
+        # 404: the experiment does not exist yet, and open_store makes it.
 
 
 @contextlib.contextmanager
@@ -239,7 +300,8 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
 
 
 def logged_epochs(client: MlflowClient, run_id: str) -> set[int]:
-    return {metric.step for metric in client.get_metric_history(run_id, EPOCH_METRIC)}
+    """The history's epoch numbers (from 0) the run has."""
+    return {metric.step - epoch_step(0) for metric in client.get_metric_history(run_id, EPOCH_METRIC)}
 
 
 def log_history(client: MlflowClient, run_id: str, history: Iterable[Mapping[str, float]]) -> None:
@@ -248,7 +310,50 @@ def log_history(client: MlflowClient, run_id: str, history: Iterable[Mapping[str
     have = logged_epochs(client, run_id)
     for row in history:
         if row["epoch"] not in have:
-            log_metrics(client, run_id, {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+            log_metrics(client, run_id, {k: v for k, v in row.items() if k != "epoch"}, step=epoch_step(int(row["epoch"])))
+
+
+def epoch_step(epoch: int) -> int:
+    """The MLflow step of a history row: the epoch's number as the console says it ("epoch 1/3" is step 1);
+    the run store's history counts from 0."""
+    return epoch + 1
+
+
+class BetonDataset(MetaDataset):
+    """One .beton file as an MLflow dataset: named by the data source and split, its digest the file's
+    SHA-256, its source where it lies (a path or a URI), its profile the image and class counts."""
+
+    def __init__(self, location: str, name: str, sha256: str, images: int, classes: int):
+        with warnings.catch_warnings():  # a file:// path matches two of MLflow's sources, which agree
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(location)
+        super().__init__(source, name=name, digest=sha256[:DIGEST_CHARS])
+        self._profile = {"images": images, "classes": classes, "sha256": sha256}
+
+    @property
+    def profile(self) -> dict:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+
+def data_inputs(data: Location, dataset: Dataset, source_name: str,
+                splits: Iterable[str] = ("train", "val")) -> list[DatasetInput]:
+    """The .beton files of `dataset` (read from `data`) as MLflow dataset inputs, their split as context."""
+    return [
+        DatasetInput(BetonDataset(str(data / beton.path.name), f"{source_name}-{split}", beton.sha256, beton.images,
+                                  dataset.num_classes)._to_mlflow_entity(), tags=[InputTag(DATASET_CONTEXT_TAG, split)])
+        for split, beton in dataset.files.items() if split in splits
+    ]
+
+
+def log_data_inputs(client: MlflowClient, run_id: str, inputs: list[DatasetInput]) -> None:
+    """Skips what the run has already (a resumed or re-evaluated run would list its data twice)."""
+    have = {(i.dataset.name, i.dataset.digest) for i in client.get_run(run_id).inputs.dataset_inputs}
+    new = [i for i in inputs if (i.dataset.name, i.dataset.digest) not in have]
+    if new:
+        client.log_inputs(run_id, datasets=new)
 
 
 class Terminated(KeyboardInterrupt):

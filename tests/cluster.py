@@ -150,11 +150,15 @@ class Server:
         self.process.wait(timeout=30)
 
 
-def mlflow_server(folder: Path, env: dict) -> Server:
+def mlflow_server(folder: Path, env: dict, basic_auth: bool = False) -> Server:
+    """basic_auth: the README's team server, on loopback (env carries its secret key, the admin's
+    password and MLFLOW_AUTH_CONFIG_PATH)."""
     port = free_port()
-    command = ["mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+    command = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
                "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
                "--workers", "1"]
+    if basic_auth:
+        command += ["--app-name", "basic-auth", "--allowed-hosts", f"127.0.0.1:{port}"]
     return Server.start(command, f"http://127.0.0.1:{port}", "/health", env, folder / "mlflow-server.log")
 
 

@@ -389,3 +389,9 @@ def plots_drawn_offline(page: Path) -> dict[str, int]:
     assert all(url.startswith("file:") for url in requested), f"the page asked the network for {requested}"
     assert all(count >= DRAWN_AT_LEAST for count in drawn.values()), f"plots that drew no data: {drawn}"
     return drawn
+
+
+def run_predict(*arguments: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The predict command, as a user runs it, from the project's folder."""
+    return subprocess.run([sys.executable, "-m", "pipeline.drivers.predict", *arguments], cwd=PROJECT_ROOT, text=True,
+                          capture_output=True, timeout=300, env=os.environ | (env or {}))

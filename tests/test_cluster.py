@@ -128,7 +128,7 @@ def test_train_stage_spans_both_nodes_with_s3_storage(cluster, tracking, s3, tmp
     assert len(nodes) == 2, "the two workers ran on the two nodes"
     runs = tracked(tracking, "s3")
     assert [run.info.status for run in runs] == ["FINISHED"]
-    assert epochs_logged(tracking, runs[0].info.run_id) == [0, 1, 2]
+    assert epochs_logged(tracking, runs[0].info.run_id) == [1, 2, 3]
     [record] = [child for child in (bucket / "runs").children() if child.name.startswith(f"{FAST_MODEL}-")]
     assert sorted(child.name for child in record.children() if not child.name.startswith(".")) == \
         sorted([RESULT_MARKER, RESULT_WEIGHTS]), "a finished run keeps its result, not its checkpoints"
@@ -268,7 +268,7 @@ def test_a_lost_node_is_replaced_and_the_run_resumes(cluster, tracking, tmp_path
     result = outcome["result"]
     assert result.returncode == 0, result.stdout + result.stderr
     assert [run.info.status for run in tracked(tracking, "node-loss")] == ["FINISHED"]
-    assert epochs_logged(tracking, run_id) == list(range(LONG_RUN_EPOCHS)), "no epoch lost or repeated"
+    assert epochs_logged(tracking, run_id) == list(range(1, LONG_RUN_EPOCHS + 1)), "no epoch lost or repeated"
     history = (tmp_path / "out" / "history.csv").read_text().splitlines()
     assert len(history) == 1 + LONG_RUN_EPOCHS
 

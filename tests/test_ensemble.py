@@ -18,7 +18,6 @@ from pipeline.data.dataset import Dataset
 from pipeline.drivers.ensemble import (
     METRIC_KEYS,
     EnsembleError,
-    best_member,
     included_scores,
     load_member,
     member_seeds,
@@ -29,6 +28,7 @@ from pipeline.drivers.evaluate import evaluate_model
 from pipeline.drivers.train import train_model
 from pipeline.runs.context import run_store
 from pipeline.runs.store import RESULT_MARKER, RESULT_WEIGHTS
+from pipeline.scoring.combine import best_model
 from pipeline.scoring.protocols import ScoresError
 from pipeline.storage.location import Location
 from tests.conftest import (
@@ -130,19 +130,24 @@ def test_mlflow_parent_with_nested_members(ensemble_run):
     assert sorted(int(child.data.tags["seed"]) for child in children) == sorted(seeds)
     for child in children:
         assert child.info.status == "FINISHED"
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_top1_error")] == [0]
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_top1_error")] == [1], "epoch 1"
+    # The registry's `best` is the best model trained, a member or the included one (tests/test_tracking_ux.py).
     best = client.get_model_version_by_alias(params.mlflow.registered_model, "best")
-    registered = next(child for child in children if child.info.run_id == best.run_id)
-    errors = {name: error for name, error in ensemble_run["summary"]["model_top1_error"].items() if name.startswith("member_")}
-    assert errors[f"member_{seeds.index(int(registered.data.tags['seed']))}"] == min(errors.values())
+    errors = ensemble_run["summary"]["model_top1_error"]
+    registered = client.get_run(best.run_id)
+    name = (f"member_{seeds.index(int(registered.data.tags['seed']))}" if "seed" in registered.data.tags
+            else registered.data.tags["model"])
+    assert errors[name] == min(errors.values())
 
 
-def test_best_member_breaks_ties_on_top5_then_order():
+def test_best_model_breaks_ties_on_top5_then_order():
     summary = {"members": 3, "model_top1_error": {"member_0": 0.5, "member_1": 0.4, "member_2": 0.4, "vgg": 0.1},
                "model_top5_error": {"member_0": 0.1, "member_1": 0.2, "member_2": 0.1, "vgg": 0.0}}
-    assert best_member(summary) == 2, "the best of the members (an included model has no weights here)"
-    summary["model_top5_error"]["member_1"] = 0.1
-    assert best_member(summary) == 1
+    assert best_model(summary) == "vgg", "an included model better than every member"
+    summary["model_top1_error"]["vgg"] = 0.4
+    assert best_model(summary) == "vgg", "top-1 tied: the lower top-5"
+    summary["model_top5_error"]["vgg"] = 0.1
+    assert best_model(summary) == "member_2", "both tied: the first"
 
 
 def test_member_seeds_are_independent_of_the_member_count():

@@ -4,7 +4,6 @@ later stages reuse, per-class errors, MLflow), and predictions from a model.pt o
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ from pipeline.scoring.protocols import (
     scores_file,
 )
 from pipeline.storage.location import Location
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, run_predict
 
 PROTOCOLS = ["center", "center_mirror", "ten_crop", "multi_scale"]
 
@@ -196,11 +195,6 @@ def test_predict_top1_matches_the_evaluation(evaluated, trained_run, digits_tree
         assert best[0][1] == pytest.approx(float(np.exp(center.log_probs[index].astype(np.float32).max())), abs=0.01)
 
 
-def run_predict(*arguments: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.drivers.predict", *arguments], cwd=PROJECT_ROOT, text=True,
-                          capture_output=True, timeout=300, env=os.environ | (env or {}))
-
-
 @pytest.mark.slow
 def test_predict_command_and_its_refusals(trained_run, digits_tree, tmp_path):
     image = next((digits_tree / "prepared" / "images" / "val" / "digit_4").iterdir())
@@ -211,10 +205,6 @@ def test_predict_command_and_its_refusals(trained_run, digits_tree, tmp_path):
     lines = by_weights.stdout.splitlines()
     assert lines[0] == str(image) and len(lines) == 6 and lines[1].split()[1].startswith("digit_")
 
-    (tmp_path / "note.jpg").write_text("not an image")
-    refused = run_predict(*weights, str(image), str(tmp_path / "note.jpg"))
-    assert refused.returncode == 2 and refused.stdout == ""
-    assert refused.stderr.strip() == f"error: {tmp_path / 'note.jpg'}: not an image (no known image format)"
     missing = run_predict("--model", "models:/no-such-model@best", "--params", str(trained_run["folder"] / "params.yaml"),
                           str(image))
     assert missing.returncode == 2 and "--model models:/no-such-model@best: not found" in missing.stderr

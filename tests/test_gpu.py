@@ -70,7 +70,7 @@ def test_one_gpu_learns_in_two_epochs(tmp_path, ray_cluster, digits_betons, trai
             assert "mfu" not in row
     client, runs = mlflow_runs(tmp_path)
     assert [run.info.status for run in runs] == ["FINISHED"]
-    assert steps(client, runs[0].info.run_id, "mfu" if known_gpu else "images_per_s_per_gpu") == [0, 1]
+    assert steps(client, runs[0].info.run_id, "mfu" if known_gpu else "images_per_s_per_gpu") == [1, 2]
 
 
 def test_mlflow_samples_the_gpu():
@@ -95,7 +95,7 @@ def test_stopped_gpu_run_resumes_from_its_checkpoint(tmp_path, digits_betons):
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     client, runs = mlflow_runs(tmp_path)
     for metric in EPOCH_METRICS:
-        assert steps(client, runs[0].info.run_id, metric) == list(range(STOP_EPOCHS)), metric
+        assert steps(client, runs[0].info.run_id, metric) == list(range(1, STOP_EPOCHS + 1)), metric
 
 
 @pytest.mark.timeout(300)

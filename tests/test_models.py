@@ -442,8 +442,10 @@ def test_alexnet2012_layer_table_matches_the_paper() -> None:
     assert shapes == {
         "input": (3, 227, 227),
         "conv1": (96, 55, 55),
+        "norm1": (96, 55, 55),
         "pool1": (96, 27, 27),
         "conv2": (256, 27, 27),
+        "norm2": (256, 27, 27),
         "pool2": (256, 13, 13),
         "conv3": (384, 13, 13),
         "conv4": (384, 13, 13),
@@ -498,6 +500,8 @@ def test_receptive_fields_of_vgg16_and_alexnet2012() -> None:
     assert [alexnet2012[f"conv{i}"] for i in range(1, 6)] == [11, 51, 99, 131, 163]
     assert (alexnet2012["pool1"], alexnet2012["pool2"], alexnet2012["pool5"]) == (19, 67, 195)
     assert alexnet2012["fc6"] == alexnet2012["fc8"] == 355
+    # Local response normalisation mixes channels at one position: it sees what its input saw.
+    assert (alexnet2012["norm1"], alexnet2012["norm2"]) == (11, 51)
 
 
 def test_receptive_fields_through_residual_and_inception_branches() -> None:
@@ -574,7 +578,7 @@ def test_layer_table_shapes_match_a_forward_pass(family_model: models.ConvNet) -
         per_image = tuple(output.shape[1:])
         shapes.append(per_image + (1,) * (3 - len(per_image)))  # FC outputs read as C x 1 x 1
 
-    counted = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Linear)
+    counted = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Linear, nn.LocalResponseNorm)
     hooks = [
         module.register_forward_hook(record)
         for module in family_model.modules()
@@ -657,6 +661,19 @@ def test_layer_table_command_for_resnet_googlenet_and_lenet5(capsys: pytest.Capt
     lines = capsys.readouterr().out.splitlines()
     assert ["fc3", "120x1x1", "32", "120", "480.0", "B", "48,120", "48,000"] in [line.split() for line in lines]
     assert "parameters: 62,006" in lines
+
+
+def test_layer_table_command_shows_alexnets_normalisation_and_what_params_count(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    main(["alexnet2012", "--resolution", "227"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "params count weights and biases" in lines[0]
+    rows = [line.split()[:2] for line in lines]
+    # Caffe's order in the paper's network: conv, ReLU (no row), norm, pool.
+    assert rows.index(["norm1", "96x55x55"]) == rows.index(["conv1", "96x55x55"]) + 1
+    assert rows.index(["pool2", "256x13x13"]) == rows.index(["norm2", "256x27x27"]) + 1
+    # conv1: 96 x 3 x 11 x 11 weights + 96 biases.
+    assert "34,944" in lines[rows.index(["conv1", "96x55x55"])].split()
 
 
 def test_layer_table_command_prints_the_receptive_field_comparison(capsys: pytest.CaptureFixture[str]) -> None:

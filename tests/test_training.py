@@ -68,7 +68,7 @@ def test_mlflow_holds_the_run(trained_run):
     assert run.data.tags["device"] == "cpu" and run.data.tags[tracking.RUN_NAME_TAG] == run.info.run_name
     assert len(run.data.tags["git_commit"]) == 40
     for metric in EPOCH_METRICS:
-        assert steps(client, run.info.run_id, metric) == [0, 1, 2], metric
+        assert steps(client, run.info.run_id, metric) == [1, 2, 3], metric  # step = epoch as the console counts
     assert run.data.metrics["val_top1_error"] == pytest.approx(trained_run["metrics"]["val_top1_error"])
     assert run.data.metrics["parameters"] == 58_322_314
     assert any(key.startswith("system/") for key in run.data.metrics), "system metrics were not logged"
@@ -99,7 +99,7 @@ def test_worker_killed_mid_epoch_is_restarted_and_resumes(tmp_path, ray_cluster,
     assert not killed["victim"].is_running()
     assert killed["epochs_done"] < KILL_EPOCHS, "the worker must die while training still runs"
 
-    every_epoch = list(range(KILL_EPOCHS))
+    every_epoch = list(range(1, KILL_EPOCHS + 1))
     assert metrics["epochs"] == KILL_EPOCHS
     assert [row["epoch"] for row in read_history(tmp_path / "out")] == every_epoch
     client, runs = mlflow_runs(tmp_path)
@@ -136,7 +136,7 @@ def test_killed_driver_resumes_in_the_moved_project(tmp_path, digits_betons):
     client, runs = mlflow_runs(moved)
     assert [run.info.status for run in runs] == ["FINISHED"], "the rerun must continue the same MLflow run"
     for metric in EPOCH_METRICS:
-        assert steps(client, runs[0].info.run_id, metric) == list(range(KILL_EPOCHS)), metric
+        assert steps(client, runs[0].info.run_id, metric) == list(range(1, KILL_EPOCHS + 1)), metric
     assert [row["epoch"] for row in read_history(moved / "out")] == list(range(KILL_EPOCHS))
     assert runs[0].info.artifact_uri.startswith((moved / "mlartifacts").as_uri())
     assert list((moved / "mlartifacts").glob("**/MLmodel")), "the model lands in the moved project"
@@ -168,7 +168,7 @@ def test_sigterm_marks_the_run_killed_and_it_resumes_into_another_tracking_store
     client, runs = mlflow_runs(other)
     assert [run.info.status for run in runs] == ["FINISHED"]
     for metric in EPOCH_METRICS:
-        assert steps(client, runs[0].info.run_id, metric) == list(range(KILL_EPOCHS)), metric
+        assert steps(client, runs[0].info.run_id, metric) == list(range(1, KILL_EPOCHS + 1)), metric
     assert steps(client, runs[0].info.run_id, "train_loss_step"), "no step-level loss in MLflow"
     assert [run.info.status for run in mlflow_runs(tmp_path)[1]] == ["KILLED"]
     assert not checkpoints(tmp_path)

@@ -41,7 +41,8 @@ class ValTransform:
         """(3, resolution, resolution) float32; raises UnusableImage for a file that is not an image."""
         pixels, _ = load_rgb(path, self.max_resolution, self.short_side)
         height, width = pixels.shape[:2]
-        side = int(self.crop_ratio * min(height, width))
+        # At least one pixel: an image of a side or two (a 1x1 icon) is enlarged like any other.
+        side = max(1, int(self.crop_ratio * min(height, width)))
         top, left = (height - side) // 2, (width - side) // 2
         crop = cv2.resize(pixels[top : top + side, left : left + side], (self.resolution, self.resolution),
                           interpolation=cv2.INTER_AREA)

@@ -25,6 +25,7 @@ matplotlib.use("Agg")  # the stage runs headless: DVC, CI, Ray jobs
 import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
+from mlflow.entities import LoggedModelOutput
 from ray import tune
 
 from pipeline import tracking
@@ -33,7 +34,7 @@ from pipeline.data.dataset import BetonFile, Dataset
 from pipeline.errors import InputError
 from pipeline.runs.context import StageContext
 from pipeline.runs.store import RunResult, RunStore
-from pipeline.scoring.combine import best_member, evaluate_members
+from pipeline.scoring.combine import best_model, evaluate_members
 from pipeline.scoring.papers import Measured, papers_table
 from pipeline.scoring.protocols import Scores, score_on_cluster, scores_file
 from pipeline.storage.location import Location
@@ -45,6 +46,10 @@ from pipeline.training.trials import TRIAL_RESOURCES, TrialProgress, max_concurr
 # two columns per member.
 METRIC_KEYS = ("members", "ensemble_top1_error", "ensemble_top5_error", "member_top1_error_mean", "gain_top1",
                "gain_top5")
+
+
+# The members' names in the summary and the error curve; included models keep their own.
+MEMBER_PREFIX = "member_"
 
 
 class EnsembleError(InputError):
@@ -173,7 +178,7 @@ def run_ensemble(params: Params, data: Location, evaluations: Location, out: Loc
         train_members(members, runs, params, val)
         results = [load_member(member, runs) for member in members]  # refuses before any averaging
         scores = member_scores(members, results, runs, params, val) + included
-        names = [f"member_{member.index}" for member in members] + params.ensemble.include
+        names = [f"{MEMBER_PREFIX}{member.index}" for member in members] + params.ensemble.include
         summary, curve = evaluate_members(scores, names, len(members), params.ensemble.combine)
         summary = {"model": params.ensemble.model, "included": params.ensemble.include, **summary}
         table = papers_table(measured_figures(evaluations, params, summary, curve), data_name(params, context.dataset))
@@ -228,9 +233,26 @@ def write_outputs(out: Location, members: list[Member], summary: dict, curve: li
 
 def log_to_mlflow(context: StageContext, parent: str, members: list[Member], results: list[RunResult],
                   summary: dict, curve: list[dict], table: str) -> None:
-    """Nested member runs under the parent, the parent's metrics, plot and papers' table, the best member
-    registered."""
-    store, params = context.store, context.params
+    """Nested member runs under the parent, the parent's data, metrics, plot and papers' table, the best
+    model registered."""
+    client = context.store.client
+    inputs = context.data_inputs()
+    tracking.log_data_inputs(client, parent, inputs)
+    child_ids = log_members(context, parent, members, results, inputs)
+    scalars = {k: v for k, v in summary.items() if isinstance(v, float)}
+    tracking.log_metrics(client, parent, scalars)
+    for point in curve:
+        tracking.log_metrics(client, parent, {"curve_top1_error": point["top1_error"],
+                                              "curve_top5_error": point["top5_error"]}, step=point["members"])
+    client.log_figure(parent, error_curve_figure(curve, summary), "error_vs_models.png")
+    client.log_text(parent, table, "papers.md")
+    register_best(context, parent, members, results, child_ids, summary)
+
+
+def log_members(context: StageContext, parent: str, members: list[Member], results: list[RunResult],
+                inputs: list) -> list[str]:
+    """One finished run per member, nested under the parent; their ids in the members' order."""
+    store = context.store
     client = store.client
     # A previous attempt that died while logging may have left some member runs: replace them.
     for stale in client.search_runs([store.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"):
@@ -242,23 +264,46 @@ def log_to_mlflow(context: StageContext, parent: str, members: list[Member], res
             "model": member.job.spec.model, "seed": str(member.job.spec.seed), "dvc_stage": "ensemble",
         }).info.run_id
         tracking.log_params(client, child, member.job.spec.mlflow_params())
+        tracking.log_data_inputs(client, child, inputs)
         tracking.log_history(client, child, result.history)
         client.set_terminated(child)
         child_ids.append(child)
+    return child_ids
 
-    scalars = {k: v for k, v in summary.items() if isinstance(v, float)}
-    tracking.log_metrics(client, parent, scalars)
-    for point in curve:
-        tracking.log_metrics(client, parent, {"curve_top1_error": point["top1_error"],
-                                              "curve_top5_error": point["top5_error"]}, step=point["members"])
-    client.log_figure(parent, error_curve_figure(curve, summary), "error_vs_models.png")
-    client.log_text(parent, table, "papers.md")
 
-    best = best_member(summary)
-    info = tracking.log_model(store.uri, child_ids[best], members[best].job.spec.load_model(results[best].weights),
-                              context.dataset, params.train.resolution)
-    version = mlflow.register_model(info.model_uri, params.mlflow.registered_model)
-    client.set_registered_model_alias(params.mlflow.registered_model, "best", version.version)
+def register_best(context: StageContext, parent: str, members: list[Member], results: list[RunResult],
+                  child_ids: list[str], summary: dict) -> None:
+    """The best model the pipeline trained, a member or a model of ensemble.include (whose train run
+    logged it), registered as mlflow.registered_model with the alias `best` and linked to the parent run
+    as its output (the run page lists it; the tags name the version)."""
+    store, params = context.store, context.params
+    best = best_model(summary)
+    model_id = None if best.startswith(MEMBER_PREFIX) else included_model_id(context, best)
+    if model_id is None:
+        if not best.startswith(MEMBER_PREFIX):
+            print(f"MLflow: {best} is the best model, but its train run has no logged model (mlflow.log_model "
+                  "false, or another store): registering the best member")
+        best = best_model(summary, [f"{MEMBER_PREFIX}{member.index}" for member in members])
+        index = int(best.removeprefix(MEMBER_PREFIX))
+        model_id = tracking.log_model(store.uri, child_ids[index], members[index].job.spec.load_model(
+            results[index].weights), context.dataset, params.train.resolution).model_id
+    mlflow.set_tracking_uri(store.uri)
+    version = mlflow.register_model(f"models:/{model_id}", params.mlflow.registered_model)
+    store.client.set_registered_model_alias(params.mlflow.registered_model, "best", version.version)
+    store.client.log_outputs(parent, [LoggedModelOutput(model_id, step=0)])
+    store.client.set_tag(parent, "registered_model", f"{params.mlflow.registered_model}/{version.version}")
+    store.client.set_tag(parent, "registered_model_is", best)
+    print(f"MLflow: {best} registered as models:/{params.mlflow.registered_model}@best (version {version.version})")
+
+
+def included_model_id(context: StageContext, model: str) -> str | None:
+    """The model that the train stage's run of `model` logged, if the store has it."""
+    run = tracking.find_run(context.store, context.train_spec(model).name)
+    if run is None:
+        return None
+    logged = context.store.client.search_logged_models([context.store.experiment_id],
+                                                       filter_string=f"source_run_id = '{run.id}'")
+    return logged[0].model_id if logged else None
 
 
 def error_curve_figure(curve: list[dict], summary: dict):

@@ -74,6 +74,7 @@ def log_to_mlflow(context: StageContext, spec: RunSpec, scores: dict[str, Scores
     run = tracking.open_run(store, spec.name, context.tags(spec.model, f"evaluate@{spec.model}"), spec.mlflow_params(),
                             reuse_finished=True)
     tracking.log_metrics(store.client, run.id, metrics)
+    tracking.log_data_inputs(store.client, run.id, context.data_inputs(splits=("val",)))
     store.client.log_text(run.id, per_class_table(scores, classes), "evaluation/per_class.csv")
     for protocol, result in scores.items():
         figure = confusion_figure(confusion_matrix(result.log_probs, result.labels, len(classes)), classes,

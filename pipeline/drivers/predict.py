@@ -1,20 +1,24 @@
 """predict: the top-5 classes, with probabilities, of image files, from a trained model.
 
-    predict --model models:/ensemble-best-member@best photo.jpg scan.png     # the MLflow registry
-    predict --model outputs/train/alexnet2012/model.pt photo.jpg             # a train stage's output
+    predict --model models:/best-model@best photo.jpg scan.png        # the MLflow registry
+    predict --model outputs/train/vgg11_bn/model.pt photo.jpg         # a train stage's output
 
 An MLflow model (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/model, models:/m-ID) is read from
 mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else the project's mlflow.db; it carries its classes
 and validation transform as metadata. A model.pt is read with params.yaml (which model, its options)
 and --data's dataset.json (the classes and how the images were stored). Images in any format the
 preprocess stage accepts get the validation transform the model was evaluated with
-(pipeline/data/transforms.py).
+(pipeline/data/transforms.py), whatever their size (a 1x1 image is enlarged like any other).
+
+Each file gets its lines in the order given: its top-5, or why it could not be read; the exit status is
+1 when any could not be read (the rest are still predicted), 2 when nothing could be (no model).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +33,9 @@ TOP = 5
 BATCH = 32
 
 
+Prediction = list[tuple[str, float]]  # (class, probability), best first
+
+
 @dataclass(frozen=True)
 class Predictor:
     forward: Callable[[torch.Tensor], torch.Tensor]  # normalised (B, 3, r, r) -> logits (B, classes)
@@ -36,21 +43,24 @@ class Predictor:
     transform: ValTransform
 
     @torch.no_grad()
-    def top_classes(self, paths: list[Path]) -> list[list[tuple[str, float]]]:
-        """Refuses the whole request, naming the file, before any prediction when one is not an image."""
-        images = []
-        for path in paths:
+    def top_classes(self, paths: list[Path]) -> list[Prediction | UnusableImage]:
+        """Per path, in order: its top classes, or why it is not an image (the others are predicted)."""
+        found: list[Prediction | UnusableImage] = []
+        images: dict[int, torch.Tensor] = {}
+        for index, path in enumerate(paths):
             try:
-                images.append(self.transform(path))
+                images[index] = self.transform(path)
+                found.append([])
             except UnusableImage as error:
-                raise InputError(f"{path}: {error}") from None
-        predictions = []
-        for start in range(0, len(images), BATCH):
-            probabilities = self.forward(torch.stack(images[start : start + BATCH])).float().softmax(dim=1)
+                found.append(error)
+        readable = list(images)
+        for start in range(0, len(readable), BATCH):
+            batch = readable[start : start + BATCH]
+            probabilities = self.forward(torch.stack([images[i] for i in batch])).float().softmax(dim=1)
             best = probabilities.topk(min(TOP, len(self.classes)), dim=1)
-            predictions += [[(self.classes[i], p) for p, i in zip(values.tolist(), indices.tolist())]
-                            for values, indices in zip(best.values, best.indices)]
-        return predictions
+            for index, values, indices in zip(batch, best.values, best.indices):
+                found[index] = [(self.classes[i], p) for p, i in zip(values.tolist(), indices.tolist())]
+        return found
 
 
 def from_mlflow(uri: str, tracking_uri: str) -> Predictor:
@@ -73,6 +83,9 @@ def from_weights(path: Path, params_path: Path, data: Path, model_name: str | No
     from pipeline.data.dataset import Dataset
     from pipeline.runs.identity import build_model
 
+    if not path.is_file():
+        raise InputError(f"--model {path}: no such file (a train stage's model.pt, e.g. outputs/train/vgg11_bn/"
+                         "model.pt, or an MLflow model URI such as models:/best-model@best)")
     params = load_params(params_path)
     dataset = Dataset.read(data)
     name = model_name or path.parent.name
@@ -87,6 +100,8 @@ def from_weights(path: Path, params_path: Path, data: Path, model_name: str | No
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0: every image predicted; 1: some could not be read (each says why, the others are
+    predicted); 2: nothing predicted (no model, bad arguments)."""
     parser = argparse.ArgumentParser(prog="predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="an MLflow model URI (models:/..., runs:/...) or a model.pt")
@@ -96,24 +111,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("images", nargs="+", type=Path)
     args = parser.parse_args(argv)
     try:
-        if args.model.startswith(("models:/", "runs:/")):
-            import os
-
-            from pipeline.config import load_params
-            from pipeline.tracking import tracking_uri
-
-            predictor = from_mlflow(args.model, tracking_uri(load_params(args.params).mlflow, os.environ))
-        else:
-            predictor = from_weights(Path(args.model), args.params, args.data, args.name)
-        results = predictor.top_classes(args.images)
+        results = load_predictor(args).top_classes(args.images)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    for path, best in zip(args.images, results):
+    for path, found in zip(args.images, results):
         print(path)
-        for rank, (name, probability) in enumerate(best, start=1):
+        if isinstance(found, UnusableImage):
+            print(f"  not predicted: {found}")
+            continue
+        for rank, (name, probability) in enumerate(found, start=1):
             print(f"  {rank}  {name:24} {probability:.4f}")
-    return 0
+    failed = [path for path, found in zip(args.images, results) if isinstance(found, UnusableImage)]
+    if failed:
+        print(f"error: {len(failed)} of {len(args.images)} files could not be read as images: "
+              f"{', '.join(map(str, failed))}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def load_predictor(args: argparse.Namespace) -> Predictor:
+    if args.model.startswith(("models:/", "runs:/")):
+        from pipeline.config import load_params
+        from pipeline.tracking import tracking_uri
+
+        return from_mlflow(args.model, tracking_uri(load_params(args.params).mlflow, os.environ))
+    return from_weights(Path(args.model), args.params, args.data, args.name)
 
 
 if __name__ == "__main__":

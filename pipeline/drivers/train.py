@@ -46,6 +46,7 @@ def train_model(params: Params, model_name: str, data: Location, out: Location) 
         metrics = publish(out, spec, record.load_result())
     else:
         with tracking.closed_with_true_status(store.client, run.id):
+            tracking.log_data_inputs(store.client, run.id, context.data_inputs())
             if finished:
                 result = record.load_result()
             else:

@@ -52,7 +52,9 @@ def format_table(table: LayerTable) -> str:
         footer.append(f"not in the table: {table.training_only_params:,} parameters of training-only layers")
     return "\n".join(
         [
-            f"{table.model} at {table.resolution}x{table.resolution}, {table.num_classes} classes, float32",
+            f"{table.model} at {table.resolution}x{table.resolution}, {table.num_classes} classes, float32; "
+            "params count weights and biases (batch norm's in its convolution's row), "
+            "MACs those of convolutions and FC layers",
             *_aligned([header, *lines, totals], text_columns=2),
             *footer,
         ]

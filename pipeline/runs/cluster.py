@@ -19,9 +19,11 @@ import logging
 import math
 import os
 import re
+import socket
 import uuid
 
 import ray
+import ray._private.ray_constants as ray_constants
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.config import RayParams
@@ -32,6 +34,9 @@ from pipeline.tracking import is_file_store
 # Ray Train's default wait for a worker group's resources (ray/train/v2/_internal/constants.py).
 WORKER_GROUP_START_TIMEOUT_S = 60.0
 START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+LOOPBACK = "127.0.0.1"
+# Where Ray's state API clients look for the dashboard before they search the machine for a Ray.
+API_SERVER_VARIABLE = "RAY_API_SERVER_ADDRESS"
 
 
 class ClusterError(InputError):
@@ -46,12 +51,45 @@ def connect(params: RayParams) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        # Ray enables token authentication for a new local cluster and warns that it did at every start,
-        # i.e. once per stage; the README says it once. Its errors (a refused token) still show.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        # The dashboard stays on: Ray Train's placement-group cleaner asks its state API.
-        ray.init(address="local", num_cpus=params.local_num_cpus)
+        start_private(params.local_num_cpus)
     drop_known_noise()
+
+
+def start_private(num_cpus: int | None) -> None:
+    """A Ray for this stage alone that listens on loopback only, apart from any other on the machine
+    (another DVC experiment's stage may run its own at the same time)."""
+    dashboard_port = free_port()
+    # Ray turns a node address of 127.0.0.1 into the machine's network address unless it believes clusters
+    # are off (ray._private.services.resolve_ip_for_localhost); the processes it starts read that switch
+    # from the environment, this one read it at import. Ray Train's PlacementGroupCleaner asks the state
+    # API of the one Ray it finds on the machine, and with two it fails every few seconds ("Found multiple
+    # active Ray instances"): named in the environment the processes inherit, it asks this one.
+    variables = {ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0",
+                 API_SERVER_VARIABLE: f"http://{LOOPBACK}:{dashboard_port}"}
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    clusters = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    # Ray enables token authentication for a new local cluster and warns that it did at every start, i.e.
+    # once per stage; the README says it once. Its errors (a refused token) still show.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    try:
+        # The dashboard stays on: the placement-group cleaner asks its state API.
+        ray.init(address="local", num_cpus=num_cpus, _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK,
+                 dashboard_port=dashboard_port)
+    finally:  # Ray's processes have their copy; this one may join a real cluster later (the tests do)
+        ray_constants.ENABLE_RAY_CLUSTER = clusters
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
 
 
 def alive_nodes() -> list[dict]:

@@ -33,10 +33,12 @@ class StageContext:
         dataset = describe(data, cache_root(params.ray.local_data_cache))  # bad data costs seconds, not a cluster
         check(dataset)
         runs = run_store(params)
+        # Before Ray starts: an unreachable server or refused credentials cost a second, not a cluster.
+        store = tracking.open_store(params.mlflow)
         # Before any MLflow run and its SIGTERM handler: ray.init installs a SIGTERM handler of its own.
         cluster.connect(params.ray)
-        cluster.check_nodes_reach(tracking.tracking_uri(params.mlflow), runs.root, data)
-        return cls(params, data, dataset, runs, tracking.open_store(params.mlflow))
+        cluster.check_nodes_reach(store.uri, runs.root, data)
+        return cls(params, data, dataset, runs, store)
 
     @property
     def data_cache(self) -> Path:
@@ -47,6 +49,10 @@ class StageContext:
 
     def train_spec(self, model: str) -> RunSpec:
         return train_spec(self.params, model, self.dataset)
+
+    def data_inputs(self, splits: tuple[str, ...] = ("train", "val")) -> list:
+        """The .beton files a run reads, as MLflow dataset inputs (pipeline/tracking.py)."""
+        return tracking.data_inputs(self.data, self.dataset, self.params.data.source, splits)
 
     def tags(self, model: str, stage: str) -> dict[str, str]:
         return {"model": model, "dvc_stage": stage, "device": cluster.device_name(self.params.ray)}

@@ -75,7 +75,8 @@ def evaluate_members(scores: list[Scores], names: list[str], members: int, rule:
     return summary, curve
 
 
-def best_member(summary: dict) -> int:
-    """Lowest top-1 error; ties (common on a small validation set) go to top-5, then to the first member."""
-    return min(range(summary["members"]), key=lambda i: (summary["model_top1_error"][f"member_{i}"],
-                                                          summary["model_top5_error"][f"member_{i}"]))
+def best_model(summary: dict, among: list[str] | None = None) -> str:
+    """The name (member_i, or an included model's) with the lowest top-1 error, of all or of `among`; ties
+    (common on a small validation set) go to top-5, then to the first in the summary's order: members first."""
+    return min(among or summary["model_top1_error"], key=lambda name: (summary["model_top1_error"][name],
+                                                                       summary["model_top5_error"][name]))

@@ -70,7 +70,7 @@ def check_what_a_user_reads(repo: Path, output: str) -> None:
     plots page drawn with no network."""
     assert not console_faults(output), "\n".join(console_faults(output))
     assert "Trial status" not in output, "Tune's status tables"
-    assert re.search(r"^ensemble: member 0 \(seed \d+, run \S+\) trained; 1/1 trained", output, re.MULTILINE), output
+    assert re.search(r"^ensemble: member 0 \(seed \d+, run \S+\) ended; 1/1 done", output, re.MULTILINE), output
 
     screen = subprocess.run([sys.executable, "-m", "pipeline.reports.summary"], cwd=repo, capture_output=True, text=True,
                             check=True).stdout

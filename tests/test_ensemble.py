@@ -26,7 +26,7 @@ from pipeline.drivers.ensemble import (
 )
 from pipeline.drivers.evaluate import evaluate_model
 from pipeline.drivers.train import train_model
-from pipeline.runs.context import run_store
+from pipeline.runs.context import StageContext, run_store
 from pipeline.runs.store import RESULT_MARKER, RESULT_WEIGHTS
 from pipeline.scoring.combine import best_model
 from pipeline.scoring.protocols import ScoresError
@@ -67,8 +67,13 @@ def ensemble_run(tmp_path_factory, ray_cluster, digits_betons):
     shutil.rmtree(folder)  # weights that no later module reads
 
 
+def members_of(params, data) -> list:
+    """The members the stage plans, planned as it does (the session's Ray is already joined)."""
+    return plan_members(StageContext.open(params, Location.local(data)))
+
+
 def result_markers(params, data) -> list[dict]:
-    members = plan_members(params, Dataset.read(data), Location.local(data))
+    members = members_of(params, data)
     return [run_store(params).record(m.name).marker() for m in members]
 
 
@@ -81,7 +86,7 @@ def test_members_train_two_at_a_time(ensemble_run, digits_betons):
 
 def test_finished_members_keep_their_weights_and_scores_only(ensemble_run, digits_betons):
     params = ensemble_run["params"]
-    for member in plan_members(params, Dataset.read(digits_betons), Location.local(digits_betons)):
+    for member in members_of(params, digits_betons):
         folder = run_store(params).record(member.name).folder.local_path()
         assert sorted(path.name for path in folder.iterdir() if not path.name.startswith(".")) == \
             [RESULT_MARKER, RESULT_WEIGHTS, "scores-center.npz"], "checkpoints take GBs at VGG sizes"
@@ -162,7 +167,7 @@ def test_member_seeds_are_independent_of_the_member_count():
 def test_refuses_missing_or_unreadable_members(ensemble_run, digits_betons, tmp_path):
     shutil.copytree(ensemble_run["folder"] / "ray_results", tmp_path / "ray_results")
     _, params = write_params(tmp_path, ensemble_overrides(tmp_path))
-    members = plan_members(params, Dataset.read(digits_betons), Location.local(digits_betons))
+    members = members_of(params, digits_betons)
     runs = run_store(params)
     for member in members:
         load_member(member, runs)  # the copy loads as it is

@@ -106,7 +106,9 @@ def test_mlflow_holds_the_sweep_and_one_nested_run_per_trial(swept):
     for run in trials:
         epochs = steps(client, run.info.run_id, "val_top1_error")
         stopped = run.data.tags["trial_status"] == "stopped early"
-        assert len(epochs) < EPOCHS if stopped else epochs == list(range(EPOCHS)), run.data.tags
+        assert len(epochs) < EPOCHS if stopped else epochs == list(range(1, EPOCHS + 1)), run.data.tags
+        assert {i.dataset.name for i in client.get_run(run.info.run_id).inputs.dataset_inputs} == {
+            "digits-train", "digits-val"}
 
 
 def test_the_killed_sweep_resumed_its_trial_from_the_checkpoint(swept):

@@ -204,8 +204,11 @@ def write_outputs(out: Location, trials: list[Trial], best: Trial, summary: dict
 
 
 def log_to_mlflow(context: StageContext, parent: str, trials: list[Trial], best: Trial, summary: dict) -> None:
-    """One nested run per trial under the sweep's run (replacing any an interrupted attempt left)."""
+    """One nested run per trial under the sweep's run (replacing any an interrupted attempt left), each
+    with the data it trained on."""
     client, store = context.store.client, context.store
+    inputs = context.data_inputs()
+    tracking.log_data_inputs(client, parent, inputs)
     for stale in client.search_runs([store.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"):
         client.delete_run(stale.info.run_id)
     for trial in trials:
@@ -214,6 +217,7 @@ def log_to_mlflow(context: StageContext, parent: str, trials: list[Trial], best:
             "dvc_stage": "sweep", "trial_status": trial.status, "best": str(trial is best).lower(),
         }).info.run_id
         tracking.log_params(client, child, trial.job.spec.mlflow_params())
+        tracking.log_data_inputs(client, child, inputs)
         tracking.log_history(client, child, trial.history)
         client.set_terminated(child, status="FAILED" if trial.status == "failed" else "FINISHED")
     tracking.log_metrics(client, parent, {k: v for k, v in summary.items() if isinstance(v, (int, float))})

@@ -152,3 +152,14 @@ def test_no_stage_depends_on_tracking_or_fault_tolerance_settings():
         assert not [key for key in params if key.split(".")[0] == "mlflow" or key in {
             "ray.max_failures", "ray.checkpoints_to_keep", "ray.storage_path", "ray.keep_finished_runs",
             "train.models", "preprocess.num_workers"}], name
+
+
+@pytest.mark.parametrize("path", sorted(PROJECT_ROOT.glob("params*.yaml")), ids=lambda path: path.name)
+def test_every_shipped_params_file_holds_every_key_the_stages_read(path):
+    """DVC reads the keys a stage lists from the params file itself: a key the code defaults but the file
+    lacks stops `dvc repro` with a preset copied to params.yaml."""
+    shipped = yaml.safe_load(path.read_text())
+    for name in DVC_YAML:
+        for key in stage_definition(name)["params"]:
+            section, _, field = key.partition(".")
+            assert section in shipped and (not field or field in shipped[section]), f"{path.name} lacks {key}"

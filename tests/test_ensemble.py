@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 
@@ -106,7 +107,8 @@ def test_outputs_and_curve(ensemble_run):
     assert float(curve[-1]["top1_error"]) == summary["ensemble_top1_error"]
     assert float(curve[-1]["top5_error"]) == summary["ensemble_top5_error"]
     member_errors = [summary["model_top1_error"][f"member_{i}"] for i in range(MEMBERS)]
-    assert summary["member_top1_error_mean"] == pytest.approx(sum(member_errors) / MEMBERS)
+    assert summary["member_top1_error_mean"] == pytest.approx(statistics.mean(member_errors))
+    assert summary["member_top1_error_std"] == pytest.approx(statistics.stdev(member_errors))
     assert summary["gain_top1"] == pytest.approx(summary["member_top1_error_mean"] - summary["ensemble_top1_error"])
     references = json.loads((out / "members.json").read_text())
     assert [ref["seed"] for ref in references] == member_seeds(100, MEMBERS)

@@ -43,9 +43,10 @@ from pipeline.training.job import TrainJob
 from pipeline.training.trials import TRIAL_RESOURCES, TrialProgress, max_concurrent_runs, trials_run_config
 
 # The summary's figures that `dvc metrics show` and `dvc exp show` compare; each model's errors would be
-# two columns per member.
-METRIC_KEYS = ("members", "ensemble_top1_error", "ensemble_top5_error", "member_top1_error_mean", "gain_top1",
-               "gain_top5")
+# two columns per member. The members' std is one model's seed-to-seed spread: the margin an experiment's
+# change of recipe must beat.
+METRIC_KEYS = ("members", "ensemble_top1_error", "ensemble_top5_error", "member_top1_error_mean",
+               "member_top1_error_std", "gain_top1", "gain_top5")
 
 
 # The members' names in the summary and the error curve; included models keep their own.

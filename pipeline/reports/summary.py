@@ -62,7 +62,8 @@ def ensemble_lines(params: Params, root: Path) -> list[str]:
     return [f"ensemble of {metrics['members']} x {params.ensemble.model}{included} "
             f"(protocol {params.ensemble.protocol}, {params.ensemble.combine} averaging)",
             f"  top-1 {metrics['ensemble_top1_error']:.4f}, top-5 {metrics['ensemble_top5_error']:.4f}; "
-            f"mean member top-1 {metrics['member_top1_error_mean']:.4f}; "
+            f"mean member top-1 {metrics['member_top1_error_mean']:.4f} +- {metrics['member_top1_error_std']:.4f} "
+            f"(the seeds' spread); "
             f"gain over it {metrics['gain_top1']:.4f} top-1, {metrics['gain_top5']:.4f} top-5"]
 
 

@@ -15,7 +15,8 @@ from pipeline.drivers.train import train_model
 from pipeline.runs.context import StageContext
 from pipeline.storage.location import Location
 from tests.conftest import (
-    FAST_MODEL, assert_same_weights, computed, finish, read_history, start_train_stage, stop_after_first_checkpoint, training_overrides, write_params,
+    FAST_MODEL, assert_same_weights, computed, finish, read_history, start_train_stage, stop_after_first_checkpoint,
+    training_overrides, write_params,
 )
 
 # Enough epochs that a stop sent once the first checkpoint is registered lands before the run ends (a
@@ -25,6 +26,8 @@ FIRST_SEED = 11
 # The ensemble's first member gets this seed (whatever the member count): the train stage uses it too, so
 # both are the same run.
 SEED = member_seeds(FIRST_SEED, 1)[0]
+
+
 def overrides(folder: Path) -> dict:
     # Dropout on, so the test also covers the per-epoch seeding of the workers' torch RNG.
     settings = training_overrides(folder, epochs=EPOCHS, seed=SEED, dropout=0.5, pca_lighting_std=0.1)

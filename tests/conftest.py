@@ -146,16 +146,44 @@ def digits_full_betons(digits_tree) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, ray_cluster, digits_full_betons):
-    """One real training run (alexnet2012, 3 epochs, 2 Ray workers) shared by the tests that inspect it.
+    """One real training run (alexnet2012, 2 epochs, 2 Ray workers) shared by the tests that inspect it.
     It trains on all the digits: on the 300-image subset, 27 steps are too few for a dependable
     better-than-chance result."""
     from pipeline.drivers.train import train_model
     from pipeline.storage.location import Location
 
     folder = tmp_path_factory.mktemp("trained")
-    _, params = write_params(folder, training_overrides(folder, model="alexnet2012"))
+    _, params = write_params(folder, training_overrides(folder, model="alexnet2012", epochs=2))
     metrics = train_model(params, "alexnet2012", Location.local(digits_full_betons), Location.local(folder / "out"))
     return {"params": params, "folder": folder, "metrics": metrics, "out": folder / "out"}
+
+
+# The shared pipeline's ensemble: two members, trained two at a time.
+ENSEMBLE_MEMBERS = 2
+
+
+@pytest.fixture(scope="session")
+def lenet5_pipeline(tmp_path_factory, ray_cluster, digits_betons):
+    """The three stages that train, in small, shared by the ensemble's and the tracking's tests: LeNet-5
+    trained (2 epochs) and evaluated, then an ensemble of two 1-epoch members that includes it."""
+    from pipeline.drivers.ensemble import run_ensemble
+    from pipeline.drivers.evaluate import evaluate_model
+    from pipeline.drivers.train import train_model
+    from pipeline.storage.location import Location
+
+    folder = tmp_path_factory.mktemp("lenet5-pipeline")
+    overrides = training_overrides(folder, epochs=2) | {
+        "ensemble": {"model": FAST_MODEL, "members": ENSEMBLE_MEMBERS, "epochs": 1, "max_concurrent": 2,
+                     "include": [FAST_MODEL]},
+        "evaluate": {"protocols": ["center"]},
+    }
+    _, params = write_params(folder, overrides)
+    data = Location.local(digits_betons)
+    train_model(params, FAST_MODEL, data, Location.local(folder / "train"))
+    evaluate_model(params, FAST_MODEL, data, Location.local(folder / "train" / "model.pt"),
+                   Location.local(folder / "evaluate" / FAST_MODEL))
+    summary = run_ensemble(params, data, Location.local(folder / "evaluate"), Location.local(folder / "out"))
+    return {"folder": folder, "params": params, "summary": summary}
 
 
 def free_port() -> int:

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline.runs.store import RESULT_MARKER
+
 from tests.conftest import (
     FAST_MODEL,
     FAST_RESOLUTION,
@@ -130,14 +132,16 @@ def test_dvc_repro_then_params_changes_rerun_only_what_they_shape(tmp_path):
     assert changed_stages(repo) == {f"train@{FAST_MODEL}", "ensemble"}
     (repo / "params.yaml").write_text(original)
 
-    # A finished run is not trained again, whatever made DVC rerun its stage.
-    assert f"Reusing {FAST_MODEL}-" in dvc(repo, "repro", "--force", "--single-item", f"train@{FAST_MODEL}")
-
-    # An experiment in a temporary workspace (DVC deletes it afterwards) with one more ensemble member:
-    # it reuses the project's member and lands the new one, and its MLflow runs, in the project's stores.
-    output = dvc(repo, "exp", "run", "--temp", "-S", "ensemble.members=2")
-    assert ran(output) == ALWAYS_RUN | {"ensemble"}
+    # An experiment in a temporary workspace (DVC deletes it afterwards) with a new model (GoogLeNet, with
+    # its auxiliary heads' losses) and one more ensemble member: only the new model trains and is evaluated,
+    # the ensemble reuses the project's member, and the new runs land in the project's stores.
+    new_model = "googlenet"
+    models = f"[{FAST_MODEL},{new_model}]"
+    output = dvc(repo, "exp", "run", "--temp", "-S", f"train.models={models}", "-S", "ensemble.members=2",
+                 "-S", f"ensemble.include={models}")
+    assert ran(output) == ALWAYS_RUN | {f"train@{new_model}", f"evaluate@{new_model}", "ensemble"}
     assert "Reusing member 0" in output and "Training 1 members" in output
+    assert f"Ensemble of 2 x {FAST_MODEL} + {FAST_MODEL}, {new_model} " in output
     # The workspace's row has one member: the row with two is the experiment's, with its own metrics.
     rows = list(csv.DictReader(io.StringIO(dvc(repo, "exp", "show", "--csv"))))
     experiment = [row for row in rows if row["ensemble.members"] == "2"]
@@ -146,9 +150,12 @@ def test_dvc_repro_then_params_changes_rerun_only_what_they_shape(tmp_path):
     ensembles = [run for run in tracked_runs(repo)
                  if run.data.tags.get("dvc_stage") == "ensemble" and "mlflow.parentRunId" not in run.data.tags]
     assert sorted(run.data.params["ensemble.members"] for run in ensembles) == ["1", "2"]
+    # The train stage's run, two members, the new model's run.
+    assert len(list((repo / "ray_results").glob(f"*/{RESULT_MARKER}"))) == 4
+    assert list((repo / "ray_results").glob(f"{new_model}-*/{RESULT_MARKER}"))
 
-    # The sweep, run apart; its best recipe, applied with the command it prints, trains no run again: the
-    # train stage's run with that learning rate is the sweep's trial.
+    # The sweep, run apart; its best recipe, applied with the command it prints, trains no run again: DVC
+    # reruns the train stage, whose run with that learning rate the sweep's trial already is.
     output = dvc(repo, "repro", "sweeps/dvc.yaml")
     assert ran(output) == ALWAYS_RUN | {"sweeps/dvc.yaml:sweep"}
     assert json.loads((repo / "outputs/sweep/metrics.json").read_text())["completed"] == 2
@@ -157,13 +164,3 @@ def test_dvc_repro_then_params_changes_rerun_only_what_they_shape(tmp_path):
     assert ran(output) == ALWAYS_RUN | {f"train@{FAST_MODEL}", f"evaluate@{FAST_MODEL}", "ensemble"}
     assert f"Reusing {FAST_MODEL}-" in output
 
-    # A new model trains only itself (GoogLeNet, with its auxiliary heads' losses), is evaluated and
-    # joins the ensemble, whose two members the project's run store already holds.
-    new_models = ["googlenet"]
-    change_params(repo, {"train": {"models": [FAST_MODEL, *new_models]},
-                         "ensemble": {"members": 2, "include": [FAST_MODEL, *new_models]}})
-    output = dvc(repo, "repro")
-    assert ran(output) == {f"{stage}@{model}" for stage in ("train", "evaluate") for model in new_models} | {"ensemble"} | ALWAYS_RUN
-    assert json.loads((repo / "outputs/ensemble/report.json").read_text())["included"] == [FAST_MODEL, *new_models]
-    assert "Reusing member 0" in output and "Reusing member 1" in output
-    assert not re.search(r"Training \d+ members", output)

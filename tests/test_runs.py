@@ -50,7 +50,9 @@ def test_run_name_is_stable():
 
 @pytest.mark.parametrize("before, after", [
     ({}, {"recipe": with_recipe(models=["vgg11_bn"])}),                       # the stage's model list
-    ({}, {"recipe": with_recipe(step_size=7)}),                               # ignored by the plateau schedule
+    ({}, {"recipe": with_recipe(step_size=7, plateau_patience=5)}),           # ignored by the cosine schedule
+    ({"recipe": with_recipe(schedule="plateau")},
+     {"recipe": with_recipe(schedule="plateau", step_size=7)}),              # and by plateau
     ({}, {"recipe": with_recipe(amp=False, channels_last=False)}),            # GPU-only keys on the CPU
     ({"model": "vgg11"}, {"model": "vgg11", "recipe": with_recipe(alexnet_init="paper")}),  # alexnet2012 only
 ])
@@ -61,10 +63,15 @@ def test_what_does_not_shape_the_weights_does_not_rename_the_run(before, after):
 @pytest.mark.parametrize("change", [
     {"recipe": with_recipe(lr=0.02)}, {"seed": 1}, {"epochs": 3}, {"num_workers": 1}, {"use_gpu": True},
     {"num_classes": 9}, {"data_sha256": DATA | {"val": "c" * 64}}, {"recipe": with_recipe(alexnet_init="paper")},
-    {"recipe": with_recipe(schedule="step")}, {"recipe": with_recipe(plateau_patience=5)},
+    {"recipe": with_recipe(schedule="step")}, {"recipe": with_recipe(schedule="plateau")},
 ])
 def test_what_shapes_the_weights_renames_the_run(change):
     assert spec(**change).name != spec().name
+
+
+def test_a_schedules_own_keys_rename_its_runs():
+    plateau = with_recipe(schedule="plateau")
+    assert spec(recipe=plateau).name != spec(recipe=plateau.model_copy(update={"plateau_patience": 5})).name
 
 
 def test_gpu_only_keys_count_on_gpus():

@@ -137,6 +137,6 @@ def test_a_key_that_does_not_shape_the_weights_is_refused_before_any_work(tmp_pa
                        env=without_ray_address(), check=False, timeout=120)
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.strip().splitlines() == [
-        "error: sweep.space.log_every_s: does not shape lenet5's weights on the CPU (schedule plateau), so every "
+        "error: sweep.space.log_every_s: does not shape lenet5's weights on the CPU (schedule cosine), so every "
         "trial would be the same run"]
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "out").exists()

@@ -19,10 +19,6 @@ from mlflow.tracking import MlflowClient
 from pipeline import tracking
 from pipeline.config import MlflowParams, PROJECT_ROOT
 from pipeline.data.dataset import Dataset
-from pipeline.drivers.ensemble import run_ensemble
-from pipeline.drivers.evaluate import evaluate_model
-from pipeline.drivers.train import train_model
-from pipeline.storage.location import Location
 from tests.cluster import mlflow_server
 from tests.conftest import FAST_MODEL, stage_command, steps, training_overrides, without_ray_address, write_params
 
@@ -32,27 +28,16 @@ LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 
 
 @pytest.fixture(scope="module")
-def pipeline_runs(tmp_path_factory, ray_cluster, digits_betons):
-    """LeNet-5 trained (2 epochs) and evaluated, then an ensemble of one member that includes it."""
-    folder = tmp_path_factory.mktemp("tracking-ux")
-    overrides = training_overrides(folder, epochs=2) | {
-        "ensemble": {"model": FAST_MODEL, "members": 1, "epochs": 1, "include": [FAST_MODEL]},
-        "evaluate": {"protocols": ["center"]},
-    }
-    _, params = write_params(folder, overrides)
-    data = Location.local(digits_betons)
-    train_model(params, FAST_MODEL, data, Location.local(folder / "train"))
-    evaluate_model(params, FAST_MODEL, data, Location.local(folder / "train" / "model.pt"),
-                   Location.local(folder / "evaluate" / FAST_MODEL))
-    summary = run_ensemble(params, data, Location.local(folder / "evaluate"), Location.local(folder / "ensemble"))
-    client = MlflowClient(params.mlflow.tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
-    return {"params": params, "summary": summary, "client": client, "runs": runs}
+def pipeline_runs(lenet5_pipeline):
+    """The shared small pipeline's MLflow runs (tests/conftest.py: lenet5_pipeline)."""
+    client = MlflowClient(lenet5_pipeline["params"].mlflow.tracking_uri)
+    return lenet5_pipeline | {"client": client,
+                              "runs": client.search_runs([client.get_experiment_by_name("tests").experiment_id])}
 
 
-def run_of(runs, stage: str, nested: bool = False):
-    [run] = [run for run in runs if run.data.tags.get("dvc_stage") == stage
-             and ("mlflow.parentRunId" in run.data.tags) == nested]
+def run_of(runs, stage: str):
+    """The stage's one top-level run."""
+    [run] = [run for run in runs if run.data.tags.get("dvc_stage") == stage and "mlflow.parentRunId" not in run.data.tags]
     return run
 
 
@@ -81,8 +66,11 @@ def test_training_and_evaluation_list_their_data_and_log_epochs_at_their_numbers
 @pytest.mark.slow
 def test_the_ensemble_lists_its_data_and_links_the_best_model_it_registered(pipeline_runs, digits_betons):
     client, runs, summary = pipeline_runs["client"], pipeline_runs["runs"], pipeline_runs["summary"]
-    parent, member = run_of(runs, "ensemble"), run_of(runs, "ensemble", nested=True)
-    for run in (parent, member):
+    parent = run_of(runs, "ensemble")
+    members = {run.info.run_name: run for run in runs
+               if run.data.tags.get("dvc_stage") == "ensemble" and "mlflow.parentRunId" in run.data.tags}
+    assert sorted(members) == ["member-0", "member-1"]
+    for run in (parent, *members.values()):
         assert_lists_the_data(run, digits_betons, pipeline_runs["params"].data.source)
     name = pipeline_runs["params"].mlflow.registered_model
     best = client.get_model_version_by_alias(name, "best")
@@ -95,7 +83,8 @@ def test_the_ensemble_lists_its_data_and_links_the_best_model_it_registered(pipe
     assert best.run_id == source
     expected = parent.data.tags["registered_model_is"]
     assert summary["model_top1_error"][expected] == min(summary["model_top1_error"].values())
-    trained_by = member if expected.startswith("member_") else run_of(runs, f"train@{expected}")
+    trained_by = (members[expected.replace("_", "-")] if expected.startswith("member_")
+                  else run_of(runs, f"train@{expected}"))
     assert source == trained_by.info.run_id
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import threading
 import time
@@ -29,7 +28,6 @@ from tests.conftest import (
     registered_checkpoint,
     start_train_stage,
     steps,
-    stop_after_first_checkpoint,
     train_worker_processes,
     training_overrides,
     wait_for,
@@ -43,7 +41,7 @@ KILL_EPOCHS = 8
 @pytest.mark.slow
 def test_loop_learns_and_writes_outputs(trained_run):
     history = read_history(trained_run["out"])
-    assert [row["epoch"] for row in history] == [0, 1, 2]
+    assert [row["epoch"] for row in history] == [0, 1]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     for row in history:
         assert 0 <= row["val_top5_error"] <= row["val_top1_error"] <= 1
@@ -68,7 +66,7 @@ def test_mlflow_holds_the_run(trained_run):
     assert run.data.tags["device"] == "cpu" and run.data.tags[tracking.RUN_NAME_TAG] == run.info.run_name
     assert len(run.data.tags["git_commit"]) == 40
     for metric in EPOCH_METRICS:
-        assert steps(client, run.info.run_id, metric) == [1, 2, 3], metric  # step = epoch as the console counts
+        assert steps(client, run.info.run_id, metric) == [1, 2], metric  # step = epoch as the console counts
     assert run.data.metrics["val_top1_error"] == pytest.approx(trained_run["metrics"]["val_top1_error"])
     assert run.data.metrics["parameters"] == 58_322_314
     assert any(key.startswith("system/") for key in run.data.metrics), "system metrics were not logged"
@@ -112,7 +110,8 @@ def test_worker_killed_mid_epoch_is_restarted_and_resumes(tmp_path, ray_cluster,
 @pytest.mark.slow
 def test_killed_driver_resumes_in_the_moved_project(tmp_path, digits_betons):
     """A project with relative locations (ray_results/, the default mlflow.db) is killed after its first
-    epoch, moved, and run again from its new place: the run resumes at epoch 2 and continues its MLflow run."""
+    epoch, moved, and run again from its new place, compiled: the run resumes at epoch 2 and continues its
+    MLflow run."""
     first = tmp_path / "first"
     shutil.copytree(digits_betons, first / "data" / "beton")
     overrides = training_overrides(first, epochs=KILL_EPOCHS)
@@ -130,6 +129,9 @@ def test_killed_driver_resumes_in_the_moved_project(tmp_path, digits_betons):
 
     moved = tmp_path / "moved"
     shutil.move(first, moved)
+    # torch.compile names no run: the compiled rerun resumes from the eager run's checkpoint.
+    overrides["train"]["compile"] = True
+    write_params(moved, overrides)
     log = finish(start_train_stage(moved / "params.yaml", moved / "data" / "beton", moved / "out",
                              tmp_path / "second.log", home=moved), tmp_path / "second.log")
     assert f"Resuming {FAST_MODEL}-" in log
@@ -142,37 +144,6 @@ def test_killed_driver_resumes_in_the_moved_project(tmp_path, digits_betons):
     assert runs[0].info.artifact_uri.startswith((moved / "mlartifacts").as_uri())
     assert list((moved / "mlartifacts").glob("**/MLmodel")), "the model lands in the moved project"
     assert not checkpoints(moved) and not (tmp_path / "first").exists()
-
-
-@pytest.mark.slow
-def test_sigterm_marks_the_run_killed_and_it_resumes_into_another_tracking_store(tmp_path, digits_betons):
-    params, _ = write_params(tmp_path, training_overrides(tmp_path, epochs=KILL_EPOCHS))
-    stop_after_first_checkpoint(params, digits_betons, tmp_path)
-    _, runs = mlflow_runs(tmp_path)
-    assert [run.info.status for run in runs] == ["KILLED"]
-    assert checkpoints(tmp_path), "an unfinished run keeps its checkpoints"
-
-    # Another store (a new tracking server, a renamed experiment): the checkpoints decide, the run
-    # resumes, and the new store's run starts with the epochs already done. Settings that do not
-    # name a run change too: the rerun compiles the model and shows progress 5 times a second.
-    other = tmp_path / "other"
-    overrides = training_overrides(tmp_path, epochs=KILL_EPOCHS, compile=True, log_every_s=0.2)
-    overrides["mlflow"]["tracking_uri"] = f"sqlite:///{other / 'mlflow.db'}"
-    changed, _ = write_params(other, overrides)
-    log = finish(start_train_stage(changed, digits_betons, tmp_path / "out", tmp_path / "again.log"), tmp_path / "again.log")
-    assert f"Resuming {FAST_MODEL}-" in log and f"epoch 1/{KILL_EPOCHS} " not in log
-    # Each epoch's line once (Ray Train's print patch doubled them), and none of Ray's report records.
-    epoch_lines = [int(e) for e in re.findall(rf"\] epoch (\d+)/{KILL_EPOCHS} train_loss=", log)]
-    assert epoch_lines and epoch_lines == list(range(epoch_lines[0], KILL_EPOCHS + 1)) and epoch_lines[0] > 1, log
-    assert "TrainingReport(" not in log and "Reporting training result" not in log
-    assert re.search(rf"\] epoch \d+/{KILL_EPOCHS} step \d+/\d+ \d+ img/s ETA \d+m\d\ds loss so far \d", log), log
-    client, runs = mlflow_runs(other)
-    assert [run.info.status for run in runs] == ["FINISHED"]
-    for metric in EPOCH_METRICS:
-        assert steps(client, runs[0].info.run_id, metric) == list(range(1, KILL_EPOCHS + 1)), metric
-    assert steps(client, runs[0].info.run_id, "train_loss_step"), "no step-level loss in MLflow"
-    assert [run.info.status for run in mlflow_runs(tmp_path)[1]] == ["KILLED"]
-    assert not checkpoints(tmp_path)
 
 
 def test_norm_and_bias_parameters_can_go_without_weight_decay():

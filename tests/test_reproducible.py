@@ -92,7 +92,7 @@ def test_an_ensemble_member_equals_the_train_stage_run_of_its_seed_and_survives_
     assert "Reusing member 0" in second.stdout and "Training 1 members" in second.stdout
     assert (finished.parent / RESULT_WEIGHTS).stat().st_mtime_ns == weights_written, "the member was trained again"
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["members"] == 2
-    client, runs = mlflow_runs(tmp_path)
+    _, runs = mlflow_runs(tmp_path)
     parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
     assert [run.info.status for run in parents] == ["FINISHED"], "the rerun continues the parent run"
     assert len(runs) == 3

@@ -20,7 +20,9 @@ from pipeline import tracking
 from pipeline.config import MlflowParams, PROJECT_ROOT
 from pipeline.data.dataset import Dataset
 from tests.cluster import mlflow_server
-from tests.conftest import FAST_MODEL, stage_command, steps, training_overrides, without_ray_address, write_params
+from tests.conftest import (
+    ENSEMBLE_MEMBERS, FAST_MODEL, stage_command, steps, training_overrides, without_ray_address, write_params,
+)
 
 ADMIN_PASSWORD = "admin-password-for-the-tests"
 PIPELINE_USER, PIPELINE_PASSWORD = "pipeline", "pipeline-password-for-the-tests"
@@ -69,7 +71,7 @@ def test_the_ensemble_lists_its_data_and_links_the_best_model_it_registered(pipe
     parent = run_of(runs, "ensemble")
     members = {run.info.run_name: run for run in runs
                if run.data.tags.get("dvc_stage") == "ensemble" and "mlflow.parentRunId" in run.data.tags}
-    assert sorted(members) == ["member-0", "member-1"]
+    assert sorted(members) == [f"member-{i}" for i in range(ENSEMBLE_MEMBERS)]
     for run in (parent, *members.values()):
         assert_lists_the_data(run, digits_betons, pipeline_runs["params"].data.source)
     name = pipeline_runs["params"].mlflow.registered_model

@@ -79,7 +79,8 @@ _RECIPE_KEYS: dict[str, tuple[str, ...]] = {
 
 
 # The models whose classifier is a stack of large fully connected layers (AlexNet's fc6-fc8 hold 58.6 M of
-# its 61 M parameters, VGG-16's 123.6 M of 138.4 M): the ones train.parallelism hybrid splits across workers.
+# its 61 M parameters, VGG-16's 123.6 M of 138.4 M): the ones train.parallelism hybrid splits across workers;
+# it leaves the others data-parallel.
 HYBRID_MODELS = frozenset({"alexnet2012", "alexnet", *VGG_VARIANTS})
 
 

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.config import ParamsError, load_params
+from pipeline.config import load_params
 from pipeline.drivers.train import train_model
 from pipeline.runs.identity import RunSpec
 from pipeline.storage.location import Location
@@ -37,10 +37,13 @@ def spec_of(model: str, world: int, **recipe) -> RunSpec:
                    seed=0, epochs=1, num_workers=world, use_gpu=False, data_sha256={})
 
 
-def _steps(rank: int, spec: RunSpec, resolution: int, float64: bool, port: int, out: str, cuda: bool) -> None:
-    """STEPS SGD steps of spec's model on this rank's share of fixed random batches, as the training loop
-    sets it up: hybrid or not, DDP, its gradient compression. Rank 0 saves the full weights, the momentum
-    and the bytes it wrote (to its gloo sockets, all it writes then) during the last step."""
+def _steps(rank: int, spec: RunSpec, resolution: int, float64: bool, port: int, out: str, cuda: bool,
+           steps: int, resume_after: int | None, keep_powersgd: bool) -> None:
+    """`steps` SGD steps of spec's model on this rank's share of fixed random batches, as the training loop
+    sets it up: hybrid or not, DDP, its gradient compression. resume_after: after that many steps, start
+    again from the weights, momentum and (keep_powersgd) PowerSGD state, as a resumed run does. Rank 0
+    saves the full weights, the momentum and the bytes it wrote (to its gloo sockets, all it writes
+    then) during the last step."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     if float64:  # rounding then stays far below what a wrong gradient would change
@@ -50,14 +53,16 @@ def _steps(rank: int, spec: RunSpec, resolution: int, float64: bool, port: int, 
     if cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    network = spec.build_model().to(device)
-    sharding = Sharding.install(network, world) if spec.hybrid else None
-    model = DistributedDataParallel(network, **ddp_options(network, spec.recipe))
-    compress_gradients(model, spec.recipe, spec.seed)
-    optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    network, sharding, model, powersgd, optimizer = _set_up(spec, device)
     generator = torch.Generator().manual_seed(1)
-    for _ in range(STEPS):
+    for step in range(steps):
+        if step == resume_after:
+            saved = (network.state_dict(), optimizer.state_dict(), powersgd.state_dict() if keep_powersgd else None)
+            network, sharding, model, powersgd, optimizer = _set_up(spec, device)
+            network.load_state_dict(saved[0])
+            optimizer.load_state_dict(saved[1])
+            if saved[2]:
+                powersgd.load_state_dict(saved[2], device)
         images = torch.randn(world * LOCAL_BATCH, 3, resolution, resolution, generator=generator).to(device)
         labels = torch.randint(0, 10, (world * LOCAL_BATCH,), generator=generator).to(device)
         mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
@@ -76,16 +81,28 @@ def _steps(rank: int, spec: RunSpec, resolution: int, float64: bool, port: int, 
     dist.destroy_process_group()
 
 
+def _set_up(spec: RunSpec, device: torch.device):
+    torch.manual_seed(0)
+    network = spec.build_model().to(device)
+    sharding = Sharding.install(network, spec.num_workers) if spec.hybrid else None
+    model = DistributedDataParallel(network, **ddp_options(network, spec.recipe))
+    powersgd = compress_gradients(model, spec.recipe, spec.seed)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    return network, sharding, model, powersgd, optimizer
+
+
 def _bytes_written() -> int:
     with open("/proc/self/io") as io:
         return next(int(line.split()[1]) for line in io if line.startswith("wchar"))
 
 
-def train_steps(spec: RunSpec, folder, resolution: int = 67, float64: bool = False, cuda: bool = False) -> dict:
-    out = folder / f"{spec.name}-{float64}-{cuda}.pt"
+def train_steps(spec: RunSpec, folder, resolution: int = 67, float64: bool = False, cuda: bool = False,
+                steps: int = STEPS, resume_after: int | None = None, keep_powersgd: bool = True) -> dict:
+    out = folder / f"{spec.name}-{float64}-{cuda}-{steps}-{resume_after}-{keep_powersgd}.pt"
     context = mp.get_context("spawn")
     port = free_port()
-    processes = [context.Process(target=_steps, args=(rank, spec, resolution, float64, port, str(out), cuda))
+    processes = [context.Process(target=_steps, args=(rank, spec, resolution, float64, port, str(out), cuda, steps,
+                                                      resume_after, keep_powersgd))
                  for rank in range(spec.num_workers)]
     for process in processes:
         process.start()
@@ -163,6 +180,18 @@ def test_compression_changes_the_steps_a_little(alexnet2012_steps, setting):
     assert_same_tensors(list(compressed.values()), list(plain.values()), 0.05)
 
 
+@pytest.mark.slow
+def test_a_resumed_powersgd_run_goes_on_exactly(tmp_path):
+    """A resumed run restores each rank's PowerSGD state (pipeline/training/worker.py checkpoints it): its
+    steps are those of the run uninterrupted, bit for bit; started again from zero, they are not."""
+    spec = spec_of("alexnet2012", 2, gradient_compression="powersgd", powersgd_rank=2)
+    straight, resumed, forgetting = (train_steps(spec, tmp_path, steps=2 * STEPS, resume_after=resume_after,
+                                                 keep_powersgd=keep)
+                                     for resume_after, keep in ((None, True), (STEPS + 1, True), (STEPS + 1, False)))
+    assert_same_weights(resumed["weights"], straight["weights"])
+    assert not torch.equal(forgetting["weights"]["classifier.6.weight"], straight["weights"]["classifier.6.weight"])
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per worker: 2 GPUs")
 def test_hybrid_steps_equal_data_parallel_steps_on_nccl(tmp_path):
     """The same on GPUs: NCCL's collectives, CUDA kernels (float64, so TF32 and rounding stay out)."""
@@ -185,16 +214,16 @@ def test_what_names_a_run():
     assert spec_of("alexnet2012", 1, parallelism="hybrid", gradient_compression="bf16").name == alone.name
 
 
-@pytest.mark.parametrize(("key", "model"), [("models", "lenet5"), ("models", "resnet18"), ("ensemble", "googlenet")])
-def test_hybrid_is_refused_for_models_without_a_large_classifier(tmp_path, params_dict, key, model):
-    params_dict["train"]["parallelism"] = "hybrid"
-    if key == "models":
-        params_dict["train"]["models"] = [model]
-        params_dict["ensemble"]["include"] = []
-    else:
-        params_dict["ensemble"]["model"] = model
-    with pytest.raises(ParamsError, match=f"train.parallelism=hybrid .*'{model}' has no large one"):
-        load_params(write_params_dict(tmp_path, params_dict))
+@pytest.mark.parametrize("model", ["lenet5", "resnet18", "googlenet"])
+def test_hybrid_leaves_models_without_a_large_classifier_data_parallel(tmp_path, params_dict, model):
+    """One train.parallelism for every model of train.models: hybrid for AlexNet and VGG beside these
+    trains them as data does, the same run by name."""
+    params_dict["train"] |= {"parallelism": "hybrid", "models": ["alexnet2012", model]}
+    params_dict["ensemble"] |= {"model": model, "include": []}
+    params = load_params(write_params_dict(tmp_path, params_dict))
+    hybrid = spec_of(model, 2, parallelism=params.train.parallelism)
+    assert not hybrid.hybrid and hybrid.name == spec_of(model, 2).name
+    assert spec_of("alexnet2012", 2, parallelism=params.train.parallelism).hybrid
 
 
 @pytest.mark.slow

@@ -63,13 +63,15 @@ class RunSpec:
     def parallel_keys(self) -> tuple[str, ...]:
         if self.num_workers == 1:
             return ()
-        hybrid = ("parallelism",) if self.recipe.parallelism == "hybrid" else ()
+        hybrid = ("parallelism",) if self.hybrid else ()
         return hybrid + COMPRESSION_KEYS[self.recipe.gradient_compression]
 
     @property
     def hybrid(self) -> bool:
-        """The classifier split across the workers: asked for, and more than one worker to split it over."""
-        return self.recipe.parallelism == "hybrid" and self.num_workers > 1
+        """The classifier split across the workers: asked for, a model with a large fully connected
+        classifier (models.HYBRID_MODELS; for the others hybrid is the same run as data), and more than
+        one worker to split it over."""
+        return self.recipe.parallelism == "hybrid" and self.model in models.HYBRID_MODELS and self.num_workers > 1
 
     def identity(self) -> dict:
         return {

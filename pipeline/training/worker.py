@@ -27,7 +27,7 @@ from pipeline.data.node_copy import local_copy
 from pipeline.errors import DataError
 from pipeline.runs.store import CHECKPOINT_FILE
 from pipeline.scoring.combine import top_k_hits
-from pipeline.training.communication import compress_gradients, ddp_options
+from pipeline.training.communication import PowerSGD, compress_gradients, ddp_options
 from pipeline.training.device import Device, training_flops_per_image
 from pipeline.training.hybrid import Sharding
 from pipeline.training.job import TrainJob
@@ -82,6 +82,7 @@ class TrainState:
     scaler: torch.amp.GradScaler
     criterion: nn.Module
     sharding: Sharding | None  # train.parallelism hybrid: the classifier's slices (pipeline/training/hybrid.py)
+    powersgd: PowerSGD | None  # train.gradient_compression powersgd: this rank's residuals and factors
 
     @classmethod
     def build(cls, job: TrainJob, device: Device) -> TrainState:
@@ -93,21 +94,25 @@ class TrainState:
         if device.channels_last:
             network = network.to(memory_format=torch.channels_last)
         model = ray.train.torch.prepare_model(network, parallel_strategy_kwargs=ddp_options(network, recipe))
-        if spec.num_workers > 1:
-            compress_gradients(model, recipe, spec.seed)
+        powersgd = compress_gradients(model, recipe, spec.seed) if spec.num_workers > 1 else None
         if recipe.compile:
             model = torch.compile(model)
         optimizer = make_optimizer(network, recipe)
         return cls(network, model, optimizer, make_scheduler(optimizer, recipe, spec.epochs), device.grad_scaler(),
-                   nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing), sharding)
+                   nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing), sharding, powersgd)
 
     def state_dict(self, epoch: int, history: list[dict], points: list[dict]) -> dict:
         """The checkpoint, in the full layout whatever the parallelism; every worker calls it."""
         model, optimizer = self.network.state_dict(), self.optimizer.state_dict()
         if self.sharding:
             model, optimizer = self.sharding.full_model_state(self.network), self.sharding.full_optimizer_state(self.optimizer)
-        return {"epoch": epoch, "model": model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "history": history, "steps": points}
+        state = {"epoch": epoch, "model": model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict(), "history": history, "steps": points}
+        if self.powersgd:  # every rank's own, gathered on rank 0 (the one that saves)
+            ranks = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+            dist.gather_object(self.powersgd.state_dict(), ranks, dst=0)
+            state["powersgd"] = ranks
+        return state
 
     def resume(self, checkpoint: ray.train.Checkpoint | None, device: Device) -> tuple[int, list[dict], list[dict]]:
         """(the first epoch to train, the history so far, the loss curve's points so far): from the last
@@ -123,6 +128,8 @@ class TrainState:
         self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.powersgd and state.get("powersgd"):
+            self.powersgd.load_state_dict(state["powersgd"][dist.get_rank()], device.device)
         return state["epoch"] + 1, state["history"], state.get("steps", [])
 
 
@@ -234,7 +241,7 @@ def gpu_metrics(images_per_s: float, world: int, device: Device, flops_per_image
 
 def report(state: TrainState, epoch: int, history: list[dict], points: list[dict], rank: int) -> None:
     """Every rank reports (it is a barrier); rank 0 alone attaches the checkpoint (and has the points)."""
-    checkpoint_state = state.state_dict(epoch, history, points)  # a collective under hybrid parallelism
+    checkpoint_state = state.state_dict(epoch, history, points)  # a collective under hybrid and PowerSGD
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if rank == 0:

@@ -31,8 +31,10 @@ KILL_EPOCHS = 3
 
 
 def spec_of(model: str, world: int, **recipe) -> RunSpec:
-    """A run of `model` on `world` workers with the default recipe, changed by `recipe`."""
-    defaults = {"batch_size": world * LOCAL_BATCH, "dropout": 0.0, "powersgd_warmup_steps": STEPS - 1}
+    """A run of `model` on `world` workers with the default recipe, plain data parallelism unless `recipe`
+    says otherwise (params.yaml's own default is hybrid)."""
+    defaults = {"batch_size": world * LOCAL_BATCH, "dropout": 0.0, "powersgd_warmup_steps": STEPS - 1,
+                "parallelism": "data", "gradient_compression": "none"}
     return RunSpec(model=model, num_classes=10, recipe=load_params().train.recipe().model_copy(update=defaults | recipe),
                    seed=0, epochs=1, num_workers=world, use_gpu=False, data_sha256={})
 
@@ -181,15 +183,22 @@ def test_compression_changes_the_steps_a_little(alexnet2012_steps, setting):
 
 
 @pytest.mark.slow
-def test_a_resumed_powersgd_run_goes_on_exactly(tmp_path):
+def test_a_resumed_powersgd_run_goes_on_as_if_uninterrupted(tmp_path):
     """A resumed run restores each rank's PowerSGD state (pipeline/training/worker.py checkpoints it): its
-    steps are those of the run uninterrupted, bit for bit; started again from zero, they are not."""
+    steps are those of the run uninterrupted, to float32 rounding; started again from zero, they are not.
+
+    Not bit for bit: the resumed DDP's first step lays its bucket out in parameter order, the
+    uninterrupted one in gradient-ready order, so every gradient and factor sits at another offset of the
+    flat buffers, which moves the last bits of the products that compress it (measured: 2e-7 of a
+    tensor's largest entry resumed, 2.4e-2 restarted from zero, alexnet2012 after 6 steps)."""
     spec = spec_of("alexnet2012", 2, gradient_compression="powersgd", powersgd_rank=2)
     straight, resumed, forgetting = (train_steps(spec, tmp_path, steps=2 * STEPS, resume_after=resume_after,
                                                  keep_powersgd=keep)
                                      for resume_after, keep in ((None, True), (STEPS + 1, True), (STEPS + 1, False)))
-    assert_same_weights(resumed["weights"], straight["weights"])
-    assert not torch.equal(forgetting["weights"]["classifier.6.weight"], straight["weights"]["classifier.6.weight"])
+    assert_same_tensors(list(resumed["weights"].values()), list(straight["weights"].values()), 1e-5)
+    assert_same_tensors(resumed["momentum"], straight["momentum"], 1e-5)
+    with pytest.raises(AssertionError):
+        assert_same_tensors(list(forgetting["weights"].values()), list(straight["weights"].values()), 1e-3)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per worker: 2 GPUs")

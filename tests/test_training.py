@@ -77,7 +77,7 @@ def test_mlflow_holds_the_run(trained_run):
 @pytest.mark.slow
 def test_worker_killed_mid_epoch_is_restarted_and_resumes(tmp_path, ray_cluster, digits_betons):
     """With PowerSGD, whose per-worker state the checkpoint gathers and each restarted worker takes back
-    (tests/test_parallel.py checks that the steps go on exactly)."""
+    (tests/test_parallel.py checks that the steps go on as if uninterrupted)."""
     _, params = write_params(tmp_path, training_overrides(tmp_path, ray={"max_failures": 2}, epochs=KILL_EPOCHS,
                                                           gradient_compression="powersgd", powersgd_warmup_steps=2))
     killed: dict = {}

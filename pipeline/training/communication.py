@@ -35,7 +35,7 @@ def ddp_options(network: nn.Module, recipe: Recipe) -> dict:
 
 def compress_gradients(model: nn.Module, recipe: Recipe, seed: int) -> PowerSGD | None:
     """Registers recipe.gradient_compression's hook on a DDP model (none leaves DDP's float32 all-reduce);
-    returns PowerSGD's state, which a checkpoint must hold for a resumed run to go on exactly."""
+    returns PowerSGD's state, which a checkpoint must hold for a resumed run to go on as if uninterrupted."""
     if recipe.gradient_compression == "bf16":
         model.register_comm_hook(None, default_hooks.bf16_compress_hook)
     elif recipe.gradient_compression == "powersgd":

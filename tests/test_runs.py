@@ -44,7 +44,8 @@ def test_run_name_is_stable():
     # runs.RUN_FORMAT on purpose when training changes what a run computes, and update this name.
     recipe = with_recipe(lr=0.01, batch_size=32, resolution=67, schedule="plateau", plateau_patience=2, dropout=0.0,
                          crop_min_scale=0.35, alexnet_init="kaiming", alexnet_groups=1, momentum=0.9,
-                         weight_decay=0.0005, label_smoothing=0.0, pca_lighting_std=0.0)
+                         weight_decay=0.0005, label_smoothing=0.0, pca_lighting_std=0.0, parallelism="data",
+                         gradient_compression="none")
     assert spec(recipe=recipe).name == "alexnet2012-1fdc248eec1e"
 
 

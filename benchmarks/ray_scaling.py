@@ -7,10 +7,9 @@ The cluster is the one the tests start (tests/cluster.py): two raylets of one CP
 stopped by their temp dir when the benchmark ends. Each setting is a real `python -m stages.train` run
 of the model at params.yaml's recipe (its resolution, batch, augmentation), joined to the cluster with
 RAY_ADDRESS, in a run store of its own (so nothing is reused) and logging to an MLflow server on
-loopback, one worker per node. Its
-rate is the stage's steady_images_per_s (report.json: the epochs after the first, which pays FFCV's
-compilation); the scaling efficiency is two workers' rate over twice one worker's. --data defaults to
-the .beton files `make run` writes.
+loopback, one worker per node. Its rate is the stage's steady_images_per_s (report.json: the epochs after
+the first, which pays FFCV's compilation); the scaling efficiency is two workers' rate over twice one
+worker's. --data defaults to the .beton files `make run` writes.
 """
 
 from __future__ import annotations

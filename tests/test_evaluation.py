@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 from ffcv.reader import Reader
 from mlflow.tracking import MlflowClient
@@ -140,8 +141,8 @@ def test_combining_saved_scores_equals_combining_fresh_ones(evaluated, trained_r
     fresh_center = fresh_center_log_probs(evaluated, trained_run)
     spec = train_spec(evaluated["params"], "alexnet2012", evaluated["dataset"])
     weights = torch.load(trained_run["out"] / "model.pt", weights_only=True)
-    fresh_ten = score_share(spec, weights, Location.local(evaluated["betons"]), Path("/unused"), ["ten_crop"], [256],
-                            50, list(range(len(labels))), 2, amp=False)["ten_crop"][0]
+    fresh_ten = score_share([spec], [ray.put(weights)], Location.local(evaluated["betons"]), Path("/unused"),
+                            ["ten_crop"], [256], 50, list(range(len(labels))), 2)[0]["ten_crop"][0]
     fresh = torch.stack([fresh_center, torch.from_numpy(fresh_ten.astype(np.float32))])
     stored = torch.stack([torch.from_numpy(saved(evaluated, p).log_probs.astype(np.float32)) for p in ("center", "ten_crop")])
     assert torch.allclose(stored, fresh, atol=0.02)  # float16 storage
@@ -154,6 +155,28 @@ def test_combining_saved_scores_equals_combining_fresh_ones(evaluated, trained_r
         assert decided.float().mean() > 0.5  # most images: the comparison is not empty
         assert torch.equal(from_stored.argmax(1)[decided], from_fresh.argmax(1)[decided]), rule
         assert top_k_errors(from_stored[decided], labels[decided]) == top_k_errors(from_fresh[decided], labels[decided])
+
+
+@pytest.mark.slow
+def test_one_task_scores_several_models_each_as_if_alone(evaluated, trained_run):
+    """The ensemble scores all its members in one task: the loaders a task builds once must give each
+    model the images it would get alone."""
+    spec = train_spec(evaluated["params"], "alexnet2012", evaluated["dataset"])
+    weights = torch.load(trained_run["out"] / "model.pt", weights_only=True)
+    other = {key: value + 0.01 * torch.randn_like(value) if value.is_floating_point() else value
+             for key, value in weights.items()}
+    indices = list(range(40))
+
+    def scores(models: list[dict]) -> list[np.ndarray]:
+        parts = score_share([spec] * len(models), [ray.put(model) for model in models],
+                            Location.local(evaluated["betons"]), Path("/unused"), ["center", "ten_crop"], [256], 16,
+                            indices, 2)
+        return [part[protocol][0] for part in parts for protocol in ("center", "ten_crop")]
+
+    together, alone = scores([weights, other]), scores([weights]) + scores([other])
+    for both, one in zip(together, alone, strict=True):
+        assert np.array_equal(both, one)
+    assert not np.array_equal(together[0], together[2])  # the two models differ: the check is not empty
 
 
 @pytest.mark.slow

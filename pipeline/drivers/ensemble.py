@@ -6,8 +6,9 @@ from numpy's SeedSequence(ensemble.first_seed).spawn: member i's seed is indepen
 and of the member count, so raising ensemble.members trains only the new members. A member whose run
 has finished is reused; one that was cut short resumes from its checkpoints. A finished member keeps its
 result (weights and history) and its validation scores under ensemble.protocol in the run store; the
-scores are made on the cluster (pipeline/scoring/protocols.py) right after training, or later for a member that
-has none for the protocol asked. Combining reads scores only: nothing is reloaded or retrained.
+scores are made on the cluster (pipeline/scoring/protocols.py) once the members have trained, in one pass
+for every member that has none for the protocol asked: each scoring task starts once, not once a member.
+Combining reads scores only: nothing is reloaded or retrained.
 Members do not write to MLflow while they train (several at once would contend for the SQLite store);
 the driver logs them as nested runs at the end, with the papers' table (pipeline/scoring/papers.py).
 """
@@ -86,25 +87,18 @@ def plan_members(context: StageContext) -> list[Member]:
     return [Member(index, TrainJob.for_run(spec, context, tracking=None)) for index, spec in enumerate(specs)]
 
 
-def fit_member(config: dict, members: list[Member], runs: RunStore, params: Params, val: BetonFile) -> None:
-    """Ray Tune trainable: one member is one TorchTrainer run; once it has finished its result is saved,
-    its scores made, and then its checkpoints go (the driver logs members to MLflow from their results)."""
+def fit_member(config: dict, members: list[Member], runs: RunStore, params: Params) -> None:
+    """Ray Tune trainable: one member is one TorchTrainer run; once it has finished its result is saved
+    and then its checkpoints go (the driver scores members and logs them to MLflow from their results)."""
     member = members[config["index"]]
     started = time.time()
     result = fit(member.job, runs, params.ray)
     record = runs.record(member.name)
     record.save_result(result, member.job.spec.identity(), {"started_at": started, "finished_at": time.time()})
     record.drop_checkpoints()
-    score_member(member, result, runs, params, val)
 
 
-def score_member(member: Member, result: RunResult, runs: RunStore, params: Params, val: BetonFile) -> None:
-    scores = score_on_cluster(member.job.spec, result.weights, member.job.data, member.job.data_cache, val.images,
-                              val.sha256, [params.ensemble.protocol], params, tasks=params.ensemble_workers)
-    scores[params.ensemble.protocol].save(scores_file(runs.record(member.name).folder, params.ensemble.protocol))
-
-
-def train_members(members: list[Member], runs: RunStore, params: Params, val: BetonFile) -> None:
+def train_members(members: list[Member], runs: RunStore, params: Params) -> None:
     pending = [member for member in members if runs.record(member.name).status() != "finished"]
     for member in members:
         if member not in pending:
@@ -113,7 +107,7 @@ def train_members(members: list[Member], runs: RunStore, params: Params, val: Be
         return
     concurrent = max_concurrent_runs(params.ray, params.ensemble_workers, params.ensemble.max_concurrent)
     print(f"Training {len(pending)} members, {concurrent} at a time")
-    trainable = tune.with_parameters(fit_member, members=members, runs=runs, params=params, val=val)
+    trainable = tune.with_parameters(fit_member, members=members, runs=runs, params=params)
     tuner = tune.Tuner(
         tune.with_resources(trainable, TRIAL_RESOURCES),
         param_space={"index": tune.grid_search([member.index for member in pending])},
@@ -140,13 +134,19 @@ def load_member(member: Member, runs: RunStore) -> RunResult:
 
 def member_scores(members: list[Member], results: list[RunResult], runs: RunStore, params: Params,
                   val: BetonFile) -> list[Scores]:
-    """Each member's saved scores under ensemble.protocol; a member without (trained before, or under
-    another protocol) is scored now, on the cluster."""
+    """Each member's saved scores under ensemble.protocol; the members without (just trained, or scored
+    under another protocol) are scored now, on the cluster, in one pass."""
     protocol = params.ensemble.protocol
-    for member, result in zip(members, results):
-        if not scores_file(runs.record(member.name).folder, protocol).exists():
-            print(f"Scoring {member.describe()} ({protocol})")
-            score_member(member, result, runs, params, val)
+    unscored = [(member, result) for member, result in zip(members, results)
+                if not scores_file(runs.record(member.name).folder, protocol).exists()]
+    if unscored:
+        print(f"Scoring {len(unscored)} members ({protocol})")
+        job = unscored[0][0].job
+        scored = score_on_cluster([(member.job.spec, result.weights) for member, result in unscored], job.data,
+                                  job.data_cache, val.images, val.sha256, [protocol], params,
+                                  tasks=params.ray.num_workers)
+        for (member, _), scores in zip(unscored, scored):
+            scores[protocol].save(scores_file(runs.record(member.name).folder, protocol))
     return [Scores.load(scores_file(runs.record(member.name).folder, protocol), val.sha256) for member in members]
 
 
@@ -176,7 +176,7 @@ def run_ensemble(params: Params, data: Location, evaluations: Location, out: Loc
                                reuse_finished=False)
 
     with tracking.closed_with_true_status(store.client, parent.id):
-        train_members(members, runs, params, val)
+        train_members(members, runs, params)
         results = [load_member(member, runs) for member in members]  # refuses before any averaging
         scores = member_scores(members, results, runs, params, val) + included
         names = [f"{MEMBER_PREFIX}{member.index}" for member in members] + params.ensemble.include

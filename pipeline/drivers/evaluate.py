@@ -38,8 +38,8 @@ def evaluate_model(params: Params, model_name: str, data: Location, weights: Loc
     # The train stage's run of this model: its name finds the MLflow run the evaluation joins.
     spec = context.train_spec(model_name)
     val = context.dataset.files["val"]
-    scores = score_on_cluster(spec, state, data, context.data_cache, val.images, val.sha256,
-                              params.evaluate.protocols, params, tasks=params.ray.num_workers)
+    [scores] = score_on_cluster([(spec, state)], data, context.data_cache, val.images, val.sha256,
+                                params.evaluate.protocols, params, tasks=params.ray.num_workers)
     metrics = {f"{protocol}_{kind}_error": value for protocol, result in scores.items()
                for kind, value in zip(("top1", "top5"), result.errors())}
     write_outputs(out, model_name, scores, metrics, context.dataset.classes)

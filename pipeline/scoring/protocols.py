@@ -22,6 +22,7 @@ with the labels and the SHA-256 of the validation file they belong to, saved as 
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -140,55 +141,83 @@ def dense_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_share(spec: RunSpec, weights: dict[str, torch.Tensor], data: Location, cache: Path, protocols: list[str],
-                scales: list[int], batch_size: int, indices: list[int], threads: int, amp: bool
-                ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """One task's work: {protocol: (log-probabilities float16, labels)} for the validation images `indices`."""
-    # Imported here, in the task: the drivers and trials that import this module read no data, and
-    # FFCV costs 3.5 s of CPU to import.
-    from pipeline.data.loaders import make_val_loader
-
+def score_share(specs: list[RunSpec], weight_refs: list[ray.ObjectRef], data: Location, cache: Path,
+                protocols: list[str], scales: list[int], batch_size: int, indices: list[int], threads: int
+                ) -> list[dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """One task's work: for each model, {protocol: (log-probabilities float16, labels)} for the validation
+    images `indices`. The models' weights are fetched one at a time, so a task holds one model at once."""
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = spec.build_model()
-    model.load_state_dict(weights)
-    model.eval().to(device)
-    use_amp = amp and device.type == "cuda"
-    dtype = torch.bfloat16 if use_amp else torch.float32
     val = local_copy(data, cache).files["val"].path
-    resolution = spec.recipe.resolution
-    results = {}
-    for protocol in protocols:
-        loaders = [make_val_loader(val, batch_size=batch_size, resolution=side, crop_ratio=ratio, indices=indices,
-                                   num_threads=threads, distributed=False, device=device, dtype=dtype)
-                   for side, ratio in image_streams(protocol, resolution, scales)]
-        log_probs, labels = [], []
-        # The streams read the same images in the same order, a batch at a time.
-        for batches in zip(*loaders, strict=True):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                chance = probabilities(protocol, model, [images for images, _ in batches], resolution)
-            log_probs.append(chance.clamp_min(SMALLEST_PROBABILITY).log().to(torch.float16).cpu())
-            labels.append(batches[0][1].cpu())
-        results[protocol] = (torch.cat(log_probs).numpy(), torch.cat(labels).numpy().astype(np.int64))
+    loaders = ValLoaders(val, batch_size, indices, threads, device)
+    results = []
+    for spec, weights_ref in zip(specs, weight_refs, strict=True):
+        model = spec.build_model()
+        model.load_state_dict(ray.get(weights_ref))
+        model.eval().to(device)
+        use_amp = spec.recipe.amp and device.type == "cuda"
+        resolution = spec.recipe.resolution
+        scored = {}
+        for protocol in protocols:
+            streams = [loaders.get(side, ratio, torch.bfloat16 if use_amp else torch.float32)
+                       for side, ratio in image_streams(protocol, resolution, scales)]
+            log_probs, labels = [], []
+            # The streams read the same images in the same order, a batch at a time.
+            for batches in zip(*streams, strict=True):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    chance = probabilities(protocol, model, [images for images, _ in batches], resolution)
+                log_probs.append(chance.clamp_min(SMALLEST_PROBABILITY).log().to(torch.float16).cpu())
+                labels.append(batches[0][1].cpu())
+            scored[protocol] = (torch.cat(log_probs).numpy(), torch.cat(labels).numpy().astype(np.int64))
+        results.append(scored)
     return results
 
 
-def score_on_cluster(spec: RunSpec, weights: dict[str, torch.Tensor], data: Location, cache: Path,
+class ValLoaders:
+    """A task's validation loaders, one per image stream (side, crop ratio, dtype), each built once and
+    read once per model: building one compiles FFCV's pipeline, which costs more than scoring a small set."""
+
+    def __init__(self, val: Path, batch_size: int, indices: list[int], threads: int, device: torch.device):
+        # Imported here, in the task: the drivers and trials that import this module read no data, and
+        # FFCV costs 3.5 s of CPU to import.
+        from pipeline.data.loaders import make_val_loader
+
+        self.make = functools.partial(make_val_loader, val, batch_size=batch_size, indices=indices,
+                                      num_threads=threads, distributed=False, device=device)
+        self.built: dict[tuple, object] = {}
+
+    def get(self, side: int, ratio: float, dtype: torch.dtype):
+        key = (side, ratio, dtype)
+        if key not in self.built:
+            self.built[key] = self.make(resolution=side, crop_ratio=ratio, dtype=dtype)
+        return self.built[key]
+
+
+def score_on_cluster(models: Sequence[tuple[RunSpec, dict[str, torch.Tensor]]], data: Location, cache: Path,
                      val_images: int, val_sha256: str, protocols: list[str], params: Params,
-                     tasks: int) -> dict[str, Scores]:
-    """Every validation image scored exactly once under each protocol, by `tasks` Ray tasks with a
-    worker's resources each."""
+                     tasks: int) -> list[dict[str, Scores]]:
+    """Every validation image scored exactly once under each protocol by each model, by `tasks` Ray
+    tasks with a worker's resources each; one task scores every model on its share of the images, since
+    a task's start (a process, its imports, FFCV's compilation) costs more than scoring a small set."""
     shares = np.array_split(np.arange(val_images), min(tasks, val_images))
-    weights_ref = ray.put(weights)
-    # "DEFAULT": scheduled on the cluster's resources, not inside the placement group of the caller (an
-    # ensemble member's Tune trial holds one with no CPU in it).
+    weight_refs = [ray.put(weights) for _, weights in models]
+    specs = [spec for spec, _ in models]
+    # "DEFAULT": scheduled on the cluster's resources, not inside the placement group of the caller.
     task = ray.remote(score_share).options(
         num_cpus=params.ray.cpus_per_worker, num_gpus=1 if params.ray.use_gpu else 0,
         max_retries=params.ray.max_failures, scheduling_strategy="DEFAULT")
     threads = max(1, int(params.ray.cpus_per_worker))
-    futures = [task.remote(spec, weights_ref, data, cache, protocols, params.evaluate.scales,
-                           params.evaluate.batch_size, share.tolist(), threads, spec.recipe.amp) for share in shares]
+    # The refs go inside a list, which Ray passes as they are: each task fetches a model when it scores it.
+    futures = [task.remote(specs, weight_refs, data, cache, protocols, params.evaluate.scales,
+                           params.evaluate.batch_size, share.tolist(), threads) for share in shares]
     parts = ray.get(futures)
+    return [model_scores([part[index] for part in parts], protocols, val_images, val_sha256)
+            for index in range(len(models))]
+
+
+def model_scores(parts: list[dict[str, tuple[np.ndarray, np.ndarray]]], protocols: list[str], val_images: int,
+                 val_sha256: str) -> dict[str, Scores]:
+    """One model's scores from its tasks' shares, in the shares' order."""
     scores = {}
     for protocol in protocols:
         log_probs = np.concatenate([part[protocol][0] for part in parts])

@@ -34,11 +34,6 @@ from pipeline.tracking import is_file_store
 # Ray Train's default wait for a worker group's resources (ray/train/v2/_internal/constants.py).
 WORKER_GROUP_START_TIMEOUT_S = 60.0
 START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-# Ray Train's controller checks on its workers every 2 s by default, and each step of a run's start and
-# end waits for the next check: a one-worker run that does nothing took 11.6 s with 2 s, 7.2 s with 0.25 s
-# (docs/benchmarks.md). A check is one status call per worker. An interval the user set is kept.
-HEALTH_CHECK_VARIABLE = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-HEALTH_CHECK_INTERVAL_S = 0.25
 LOOPBACK = "127.0.0.1"
 # Where Ray's state API clients look for the dashboard before they search the machine for a Ray.
 API_SERVER_VARIABLE = "RAY_API_SERVER_ADDRESS"

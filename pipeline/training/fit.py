@@ -19,7 +19,7 @@ from ray.train.v2.api.exceptions import ControllerError
 
 from pipeline.config import RayParams
 from pipeline.errors import ExplainedFailure
-from pipeline.runs.cluster import HEALTH_CHECK_INTERVAL_S, HEALTH_CHECK_VARIABLE, START_TIMEOUT_VARIABLE, capacity_wait
+from pipeline.runs.cluster import START_TIMEOUT_VARIABLE, capacity_wait
 from pipeline.runs.store import CHECKPOINT_FILE, RunResult, RunStore
 from pipeline.training.job import TrainJob
 from pipeline.training.worker import train_worker
@@ -32,9 +32,8 @@ class CapacityTimeout(ExplainedFailure):
 def fit(job: TrainJob, runs: RunStore, params: RayParams, callbacks: Sequence[UserCallback] = ()) -> RunResult:
     """Trains (or resumes) the run; `callbacks` see each epoch's report (a sweep passes Tune's)."""
     start_timeout, start_failures = capacity_wait(params)
-    # Ray Train hands these variables from the driver to its controller.
+    # Ray Train hands this variable from the driver to its controller.
     os.environ[START_TIMEOUT_VARIABLE] = str(start_timeout)
-    os.environ.setdefault(HEALTH_CHECK_VARIABLE, str(HEALTH_CHECK_INTERVAL_S))
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": job},

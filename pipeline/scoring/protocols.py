@@ -156,21 +156,25 @@ def score_share(specs: list[RunSpec], weight_refs: list[ray.ObjectRef], data: Lo
         model.load_state_dict(ray.get(weights_ref))
         model.eval().to(device)
         use_amp = spec.recipe.amp and device.type == "cuda"
-        resolution = spec.recipe.resolution
-        scored = {}
-        for protocol in protocols:
-            streams = [loaders.get(side, ratio, torch.bfloat16 if use_amp else torch.float32)
-                       for side, ratio in image_streams(protocol, resolution, scales)]
-            log_probs, labels = [], []
-            # The streams read the same images in the same order, a batch at a time.
-            for batches in zip(*streams, strict=True):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    chance = probabilities(protocol, model, [images for images, _ in batches], resolution)
-                log_probs.append(chance.clamp_min(SMALLEST_PROBABILITY).log().to(torch.float16).cpu())
-                labels.append(batches[0][1].cpu())
-            scored[protocol] = (torch.cat(log_probs).numpy(), torch.cat(labels).numpy().astype(np.int64))
-        results.append(scored)
+        results.append({protocol: score_protocol(protocol, model, loaders, spec.recipe.resolution, scales, use_amp)
+                        for protocol in protocols})
     return results
+
+
+def score_protocol(protocol: str, model: nn.Module, loaders: ValLoaders, resolution: int, scales: list[int],
+                   use_amp: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(log-probabilities float16, labels) of one model under one protocol, on the loaders' images."""
+    streams = [loaders.get(side, ratio, torch.bfloat16 if use_amp else torch.float32)
+               for side, ratio in image_streams(protocol, resolution, scales)]
+    device = loaders.device
+    log_probs, labels = [], []
+    # The streams read the same images in the same order, a batch at a time.
+    for batches in zip(*streams, strict=True):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            chance = probabilities(protocol, model, [images for images, _ in batches], resolution)
+        log_probs.append(chance.clamp_min(SMALLEST_PROBABILITY).log().to(torch.float16).cpu())
+        labels.append(batches[0][1].cpu())
+    return torch.cat(log_probs).numpy(), torch.cat(labels).numpy().astype(np.int64)
 
 
 class ValLoaders:
@@ -182,6 +186,7 @@ class ValLoaders:
         # FFCV costs 3.5 s of CPU to import.
         from pipeline.data.loaders import make_val_loader
 
+        self.device = device
         self.make = functools.partial(make_val_loader, val, batch_size=batch_size, indices=indices,
                                       num_threads=threads, distributed=False, device=device)
         self.built: dict[tuple, object] = {}
